@@ -1,0 +1,267 @@
+"""Small shared helpers for ``sundae_lib``: native checkpoint I/O, ``hf://`` sources, atomic
+writes, strict state-dict loading and config (de)serialisation.
+
+Everything here is plain torch / safetensors / stdlib. Model files import from here instead of
+re-implementing these pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+META_MODEL_TYPE = "sundae.model_type"
+META_FORMAT_VERSION = "sundae.format_version"
+META_CONFIG = "sundae.config"
+HF_PREFIX = "hf://"
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file atomically: ``write(tmp_path)`` fills a temporary file in the same folder,
+    which is fsync'ed and renamed over ``path``. A crash leaves either the old file or the new
+    one, never a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass configs
+# --------------------------------------------------------------------------------------------
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], *, what: str | None = None):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones.
+
+    Lists are turned into tuples where the field's default is a tuple, so JSON round trips give
+    equal configs."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what or cls.__name__}: expected a mapping of settings, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{what or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
+        )
+    return cls(**{k: _tupleize(v) for k, v in data.items()})
+
+
+def _tupleize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
+
+
+def config_to_json(config: Any) -> str:
+    """Serialise a dataclass config to compact, key-sorted JSON."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# sources: local paths and hf://
+# --------------------------------------------------------------------------------------------
+
+
+def is_hf_source(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and source.startswith(HF_PREFIX)
+
+
+def parse_hf_source(source: str) -> tuple[str, str]:
+    """``hf://owner/repo/path/inside`` -> (``owner/repo``, ``path/inside``) (path may be '')."""
+    rest = source[len(HF_PREFIX):].strip("/")
+    parts = rest.split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ValueError(
+            f"{source!r} is not a valid Hugging Face source: use hf://owner/repo[/subfolder][/file]"
+        )
+    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
+
+
+def hf_download(repo_id: str, filename: str, *, source: str | None = None) -> Path:
+    """Download (or take from the local cache) one file of a Hub repository.
+
+    Honours ``HF_HUB_OFFLINE``: offline, a file that is not cached raises a ``FileNotFoundError``
+    that says how to fetch it."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise ImportError("hf:// sources need the huggingface_hub package: pip install huggingface_hub") from exc
+    label = source or f"hf://{repo_id}/{filename}"
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except Exception as exc:  # huggingface_hub raises several unrelated exception types
+        name = type(exc).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        if offline or "Offline" in name or "LocalEntryNotFound" in name:
+            raise FileNotFoundError(
+                f"{label}: {filename!r} is not in the local Hugging Face cache and offline mode is "
+                f"on (HF_HUB_OFFLINE). Download it once with network access "
+                f"(huggingface-cli download {repo_id} {filename}) or pass a local file path."
+            ) from exc
+        raise FileNotFoundError(f"{label}: could not fetch {filename!r} from {repo_id} ({name}: {exc})") from exc
+
+
+def resolve_local(source: str | os.PathLike, *, what: str) -> Path:
+    """A local path that must exist, with a clear error naming it."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# native checkpoint format
+# --------------------------------------------------------------------------------------------
+
+
+def save_native(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    model_type: str,
+    config_json: str,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a native ``.safetensors`` model file atomically (DESIGN.md "Native checkpoint
+    format"): tensors are made contiguous and cloned, so shared storage (tied weights) is fine."""
+    from safetensors.torch import save_file
+
+    metadata = {
+        META_MODEL_TYPE: model_type,
+        META_FORMAT_VERSION: FORMAT_VERSION,
+        META_CONFIG: config_json,
+    }
+    if extra_metadata:
+        metadata.update({str(k): str(v) for k, v in extra_metadata.items()})
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (``{}`` when there is none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .safetensors file ({type(exc).__name__}: {exc}); "
+            "it may be truncated or of another format — download or export it again"
+        ) from exc
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise ValueError(
+            f"{str(path)!r} could not be read as .safetensors ({type(exc).__name__}: {exc}); "
+            "the file may be truncated — download or export it again"
+        ) from exc
+
+
+def load_native(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """Read a native model file: returns ``(config_dict, state_dict, metadata)``.
+
+    Raises ``ValueError`` naming the file when it is not a native file of ``expected_type``."""
+    path = Path(path)
+    meta = read_safetensors_metadata(path)
+    model_type = meta.get(META_MODEL_TYPE)
+    if model_type is None:
+        raise ValueError(
+            f"{str(path)!r} has no '{META_MODEL_TYPE}' metadata: it is not a native comfyui-sundae "
+            f"{expected_type} file"
+        )
+    if model_type != expected_type:
+        raise ValueError(
+            f"{str(path)!r} holds a '{model_type}' model, not a '{expected_type}' — "
+            f"pick a {expected_type} file here"
+        )
+    version = meta.get(META_FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format version {version!r}; this comfyui-sundae reads version "
+            f"{FORMAT_VERSION} — update comfyui-sundae"
+        )
+    try:
+        config = json.loads(meta[META_CONFIG])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r}: the '{META_CONFIG}' metadata is missing or not JSON") from exc
+    return config, load_safetensors(path), meta
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """``module.load_state_dict(strict=True)`` with an error that names missing and unexpected
+    keys and mismatched shapes instead of torch's wall of text."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad_shapes = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if bad_shapes:
+        problems.append(f"shape mismatches {_short(bad_shapes)}")
+    if problems:
+        raise ValueError(f"{what}: the weights do not match the model config: " + "; ".join(problems))
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def _short(items: Iterable[str], limit: int = 12) -> str:
+    items = list(items)
+    head = ", ".join(repr(i) for i in items[:limit])
+    return f"[{head}{', ... (%d more)' % (len(items) - limit) if len(items) > limit else ''}]"
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
