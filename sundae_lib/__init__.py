@@ -26,6 +26,9 @@ _EXPORTS = {
     "PixelCodec": "vqgan",
     "save_vqgan": "vqgan",
     "load_vqgan": "vqgan_loading",
+    # inpainting masks
+    "token_mask_from_pixels": "masks",
+    "resize_mask": "masks",
 }
 
 __all__ = sorted(_EXPORTS)
