@@ -1,0 +1,795 @@
+"""Codecs between images and token grids: the taming VQ-GAN and the pixel "codec".
+
+``VQGAN(config)`` is the taming-transformers / latent-diffusion VQ autoencoder with the exact
+taming state-dict layout (blocks in ``vqgan_modules.py``). ``PixelCodec`` gives pixel-level
+priors (the paper's MNIST experiment) the same interface. Both map
+
+    images ``[b, c, H, W]`` float in [-1, 1]  <->  tokens ``[b, h, w]`` int64
+
+with ``.downsample_factor``, ``.codebook_size``, ``.config``, ``.in_channels`` and helpers
+``padded_size``, ``token_grid`` and ``image_size`` for the size arithmetic.
+
+Policies (decided here, relied upon by nodes and trainer):
+- Image sizes that are not multiples of the downsample factor f are **padded** on the right and
+  bottom (edge replication by default) up to the next multiple before encoding; the token grid
+  then covers the padded image, ``decode`` returns the padded size and cropping back to
+  ``(H, W)`` is the caller's job. ``padded_size(H, W)`` tells the size; ``pad="error"`` refuses.
+- ``pixel_range == "0,1"`` models (aMUSEd) still take and return [-1, 1] at this API; the
+  conversion happens inside.
+- ``encode`` / ``decode`` run without autograd (token-level inference API). Training uses
+  ``forward`` / ``encode_to_latent`` / ``quantize`` / ``decode_codes``, which keep gradients.
+
+einops axis legend: b batch, c channels, h/w token grid, H/W pixels (y/x within tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ._helpers import (
+    config_from_dict,
+    config_to_json,
+    load_native,
+    load_state_dict_strict,
+    save_native,
+)
+from .vqgan_modules import Decoder, Encoder, GumbelQuantizer, VectorQuantizer
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "vqgan"
+PIXEL_RANGES = ("-1,1", "0,1")
+QUANTIZERS = ("vq", "gumbel")
+PAD_MODES = ("replicate", "reflect", "constant", "error")
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"VQGANConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"VQGANConfig.{name} must be true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """A taming VQ-GAN. Field names are taming's ``ddconfig`` plus the quantizer's settings;
+    defaults are taming's ImageNet f16-1024 model (the ``taming-f16-1024`` preset).
+
+    ``attn_resolutions`` are feature-map sizes relative to ``resolution`` (taming's convention;
+    only their ratio matters, see ``attn_levels``). ``remap_used > 0`` means taming's remap: a
+    ``quantize.used`` buffer of that many code indices, and tokens index that reduced vocabulary.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = 256
+    z_channels: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    double_z: bool = False
+    embed_dim: int = 256
+    n_embed: int = 1024
+    norm_groups: int = 32
+    mid_attention: bool = True
+    resamp_with_conv: bool = True
+    pixel_range: str = "-1,1"
+    quantizer: str = "vq"
+    remap_used: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("ch_mult", "attn_resolutions"):  # JSON lists and user lists -> tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name, minimum in (
+            ("ch", 1),
+            ("num_res_blocks", 1),
+            ("resolution", 1),
+            ("z_channels", 1),
+            ("in_channels", 1),
+            ("out_ch", 1),
+            ("embed_dim", 1),
+            ("n_embed", 1),
+            ("norm_groups", 1),
+            ("remap_used", 0),
+        ):
+            _check_int(name, getattr(self, name), minimum)
+        for name in ("double_z", "mid_attention", "resamp_with_conv"):
+            _check_bool(name, getattr(self, name))
+        if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
+            raise ValueError(
+                f"VQGANConfig.ch_mult must be a non-empty list of integers, got {self.ch_mult!r}"
+            )
+        for m in self.ch_mult:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ValueError(
+                    f"VQGANConfig.ch_mult entries must be integers >= 1, got {self.ch_mult!r}"
+                )
+        if not isinstance(self.attn_resolutions, tuple) or any(
+            isinstance(r, bool) or not isinstance(r, int) for r in self.attn_resolutions
+        ):
+            raise ValueError(
+                f"VQGANConfig.attn_resolutions must be a list of integers, got {self.attn_resolutions!r}"
+            )
+        if (
+            not isinstance(self.dropout, int | float)
+            or isinstance(self.dropout, bool)
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(
+                f"VQGANConfig.dropout must be a number in [0, 1), got {self.dropout!r}"
+            )
+        for m in self.ch_mult:
+            if (self.ch * m) % self.norm_groups:
+                raise ValueError(
+                    f"VQGANConfig: width ch*ch_mult = {self.ch}*{m} = {self.ch * m} is not divisible "
+                    f"by norm_groups={self.norm_groups}; GroupNorm needs every width to be a multiple "
+                    "of the group count — change ch/ch_mult or norm_groups"
+                )
+        if self.ch % self.norm_groups:
+            raise ValueError(
+                f"VQGANConfig: ch={self.ch} is not divisible by norm_groups={self.norm_groups}"
+            )
+        if self.resolution % self.downsample_factor:
+            raise ValueError(
+                f"VQGANConfig.resolution={self.resolution} must be a multiple of the downsample factor "
+                f"{self.downsample_factor} (2^(len(ch_mult)-1)); it only serves to place attention"
+            )
+        level_sizes = [self.resolution // 2**i for i in range(len(self.ch_mult))]
+        stray = [r for r in self.attn_resolutions if r not in level_sizes]
+        if stray:
+            raise ValueError(
+                f"VQGANConfig.attn_resolutions {list(stray)} match no level: with resolution "
+                f"{self.resolution} and {len(self.ch_mult)} levels the feature-map sizes are "
+                f"{level_sizes}; use some of those (or [] for no attention)"
+            )
+        if self.double_z:
+            raise ValueError(
+                "VQGANConfig.double_z=True is a KL-autoencoder setting (mean and log-variance); a "
+                "VQ-GAN encoder emits z_channels — set double_z to false"
+            )
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ValueError(
+                f"VQGANConfig.pixel_range must be one of {list(PIXEL_RANGES)}, got {self.pixel_range!r}"
+            )
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(
+                f"VQGANConfig.quantizer must be one of {list(QUANTIZERS)}, got {self.quantizer!r}"
+            )
+        if self.quantizer == "gumbel" and self.z_channels != self.embed_dim:
+            raise ValueError(
+                f"VQGANConfig: the gumbel quantizer needs z_channels == embed_dim (its proj takes "
+                f"the quant_conv output), got z_channels={self.z_channels}, embed_dim={self.embed_dim}"
+            )
+        if self.remap_used > self.n_embed:
+            raise ValueError(
+                f"VQGANConfig.remap_used={self.remap_used} exceeds n_embed={self.n_embed}: the remap "
+                "lists a subset of the codebook"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """f = 2^(len(ch_mult) - 1): pixels per token along each axis."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def attn_levels(self) -> tuple[int, ...]:
+        """Level indices i (0 = full resolution) with self-attention: resolution / 2^i is in
+        ``attn_resolutions``."""
+        return tuple(
+            i for i in range(len(self.ch_mult)) if self.resolution // 2**i in self.attn_resolutions
+        )
+
+    @property
+    def codebook_size(self) -> int:
+        """Token vocabulary: ``remap_used`` with remap, else ``n_embed``."""
+        return self.remap_used if self.remap_used > 0 else self.n_embed
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VQGANConfig:
+        """Strict: unknown keys are an error listing the valid ones."""
+        return config_from_dict(cls, data, what="VQGANConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> VQGANConfig:
+        """A named configuration, optionally with fields overridden: ``preset("ldm-vq-f8",
+        n_embed=256)``. Names: see ``VQGANConfig.presets()``."""
+        if name not in _PRESETS:
+            raise ValueError(
+                f"unknown VQGANConfig preset {name!r}; choose one of {sorted(_PRESETS)}"
+            )
+        return config_from_dict(
+            cls, {**_PRESETS[name], **overrides}, what=f"VQGANConfig.preset({name!r})"
+        )
+
+    @staticmethod
+    def presets() -> list[str]:
+        return sorted(_PRESETS)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # taming ImageNet f16 with 1024 codes (the class defaults)
+    "taming-f16-1024": {},
+    # latent-diffusion first stages (models/first_stage_models/vq-*/config.yaml)
+    "ldm-vq-f4": dict(
+        ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, embed_dim=3, n_embed=8192
+    ),
+    "ldm-vq-f8": dict(
+        ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), z_channels=4, embed_dim=4, n_embed=16384
+    ),
+    "ldm-vq-f16": dict(
+        ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=8, embed_dim=8, n_embed=16384
+    ),
+    # McKinney & Willcocks' FFHQ 1024 f32 VQ-GAN (32x32 tokens per 1024^2 image)
+    "ffhq1024-f32": dict(
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=1,
+        attn_resolutions=(64,),
+        resolution=1024,
+        z_channels=256,
+        embed_dim=256,
+        n_embed=8192,
+    ),
+    # aMUSEd VQ (diffusers amused/amused-256 vqvae): no attention anywhere, pixels in 0..1
+    "amused": dict(
+        ch_mult=(1, 2, 2, 4, 6),
+        attn_resolutions=(),
+        mid_attention=False,
+        z_channels=64,
+        embed_dim=64,
+        n_embed=8192,
+        pixel_range="0,1",
+    ),
+    # 28x28 grey digits -> 7x7 tokens
+    "mnist-f4": dict(
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        resolution=28,
+        z_channels=32,
+        in_channels=1,
+        out_ch=1,
+        embed_dim=32,
+        n_embed=256,
+        norm_groups=8,
+    ),
+    # unit tests: f2, attention at the low-resolution level
+    "tiny": dict(
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        resolution=32,
+        z_channels=8,
+        embed_dim=8,
+        n_embed=32,
+        norm_groups=4,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# input checks shared by the codecs
+# --------------------------------------------------------------------------------------------
+
+
+def _check_images(x: Any, channels: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: expected an image tensor [b, c, H, W], got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"{what}: expected images [b, c, H, W] (4 dims), got shape {tuple(x.shape)}; add a batch "
+            "dimension with x[None] or move channels first"
+        )
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{what}: expected float images in [-1, 1], got dtype {x.dtype}; convert uint8 pixels "
+            "with x.float() / 127.5 - 1"
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{what}: the codec takes {channels}-channel images but got {x.shape[1]} channels "
+            f"(shape {tuple(x.shape)}); convert the image (e.g. RGB <-> greyscale) or pick the matching codec"
+        )
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{what}: empty image of shape {tuple(x.shape)}")
+
+
+def _check_tokens(tokens: Any, codebook_size: int, what: str) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"{what}: expected a token tensor [b, h, w], got {type(tokens).__name__}")
+    if tokens.ndim != 3:
+        raise ValueError(
+            f"{what}: expected tokens [b, h, w] (3 dims), got shape {tuple(tokens.shape)}; add a batch "
+            "dimension with tokens[None]"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{what}: tokens must be integers (int64), got dtype {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{what}: empty token grid of shape {tuple(tokens.shape)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= codebook_size:
+        raise ValueError(
+            f"{what}: token ids span [{lo}, {hi}] but this codec has {codebook_size} codes (valid "
+            f"0..{codebook_size - 1}); the tokens come from another codec or prior — use the matching one"
+        )
+    return tokens.long()
+
+
+def _check_pad_mode(pad: str) -> None:
+    if pad not in PAD_MODES:
+        raise ValueError(f"pad must be one of {list(PAD_MODES)}, got {pad!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# VQ-GAN
+# --------------------------------------------------------------------------------------------
+
+
+class VQGANOutput(NamedTuple):
+    """``VQGAN.forward`` result for training. ``recon [b, out_ch, H, W]`` in [-1, 1] (through the
+    straight-through estimator); ``latent [b, d, h, w]`` pre-quantization (``quant_conv``
+    output); ``quantized [b, d, h, w]`` codebook vectors (gradient to the codebook only);
+    ``tokens [b, h, w]`` int64."""
+
+    recon: torch.Tensor
+    latent: torch.Tensor
+    quantized: torch.Tensor
+    tokens: torch.Tensor
+
+
+class VQGAN(nn.Module):
+    """taming VQ-GAN (``taming.models.vqgan.VQModel`` / ``GumbelVQ`` inference maths).
+
+    Token API (no autograd): ``encode(x [b, c, H, W] in [-1, 1]) -> tokens [b, h, w] int64`` and
+    ``decode(tokens, tile=None, overlap=None) -> x [b, out_ch, h*f, w*f]`` in [-1, 1].
+    Latent API (autograd): ``encode_to_latent(x) -> z [b, embed_dim, h, w]`` (pre-quant),
+    ``quantize(z) -> (z_q, tokens)`` (the ``quantize`` submodule; with remap, tokens are reduced
+    ids), ``lookup(tokens) -> z_q``, ``decode_codes(z_q) -> x``, ``forward(x) -> VQGANOutput``.
+
+    Sizes not divisible by f are padded (see module docstring and ``padded_size``).
+    """
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        if not isinstance(config, VQGANConfig):
+            raise ValueError(
+                f"VQGAN needs a VQGANConfig, got {type(config).__name__}; use VQGANConfig.from_dict"
+            )
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        if config.quantizer == "vq":
+            self.quantize = VectorQuantizer(
+                config.n_embed, config.embed_dim, remap_used=config.remap_used
+            )
+        else:
+            self.quantize = GumbelQuantizer(
+                config.n_embed, config.embed_dim, config.z_channels, remap_used=config.remap_used
+            )
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
+        # a loaded remap buffer must index this codebook: check after every load_state_dict
+        self.register_load_state_dict_post_hook(
+            lambda module, _incompatible: module.quantize.check_used()
+        )
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_ch
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Decoder's last weight (taming's adaptive GAN-loss weight uses its gradient)."""
+        return self.decoder.conv_out.weight
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) rounded up to multiples of f: the pixel size ``encode`` actually covers."""
+        f = self.downsample_factor
+        return -(-height // f) * f, -(-width // f) * f
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) that ``encode`` gives for an (H, W) image (after padding)."""
+        ph, pw = self.padded_size(height, width)
+        return ph // self.downsample_factor, pw // self.downsample_factor
+
+    def image_size(self, h: int, w: int) -> tuple[int, int]:
+        """Pixel size (H, W) that ``decode`` gives for an (h, w) token grid."""
+        return h * self.downsample_factor, w * self.downsample_factor
+
+    # ---- latent API (keeps autograd) ------------------------------------------------------------
+
+    def _param(self) -> torch.Tensor:
+        return self.quant_conv.weight
+
+    def encode_to_latent(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+        """Images ``[b, in_channels, H, W]`` in [-1, 1] -> pre-quant latents
+        ``[b, embed_dim, ceil(H/f), ceil(W/f)]`` (encoder + quant_conv). ``pad``: how to extend
+        images whose size is not a multiple of f (right/bottom): ``replicate`` (default),
+        ``reflect``, ``constant`` (zeros) or ``error``."""
+        _check_images(x, self.in_channels, "VQGAN.encode")
+        _check_pad_mode(pad)
+        height, width = x.shape[-2:]
+        ph, pw = self.padded_size(height, width)
+        if (ph, pw) != (height, width):
+            if pad == "error":
+                raise ValueError(
+                    f"VQGAN.encode: image size {height}x{width} is not a multiple of the downsample "
+                    f"factor {self.downsample_factor}; resize or crop to e.g. {ph}x{pw}, or pass "
+                    "pad='replicate'"
+                )
+            if pad == "reflect" and (ph - height >= height or pw - width >= width):
+                raise ValueError(
+                    f"VQGAN.encode: image {height}x{width} is too small to reflect-pad; use pad='replicate'"
+                )
+            logger.debug("VQGAN.encode: padding %dx%d to %dx%d (%s)", height, width, ph, pw, pad)
+        param = self._param()
+        x = x.to(device=param.device, dtype=param.dtype)
+        if (ph, pw) != (height, width):
+            x = F.pad(x, (0, pw - width, 0, ph - height), mode=pad)
+        if self.config.pixel_range == "0,1":
+            x = (x + 1.0) / 2.0
+        return self.quant_conv(self.encoder(x))
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[b, h, w]`` -> code vectors ``z_q [b, embed_dim, h, w]``."""
+        tokens = _check_tokens(tokens, self.codebook_size, "VQGAN.lookup")
+        return self.quantize.lookup(tokens.to(self._param().device)).to(self._param().dtype)
+
+    def decode_codes(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Code vectors ``[b, embed_dim, h, w]`` -> images ``[b, out_ch, h*f, w*f]`` in [-1, 1]
+        (post_quant_conv + decoder)."""
+        if (
+            not isinstance(z_q, torch.Tensor)
+            or z_q.ndim != 4
+            or z_q.shape[1] != self.config.embed_dim
+        ):
+            shape = tuple(z_q.shape) if isinstance(z_q, torch.Tensor) else type(z_q).__name__
+            raise ValueError(
+                f"VQGAN.decode_codes: expected codes [b, {self.config.embed_dim}, h, w], got {shape}"
+            )
+        x = self.decoder(self.post_quant_conv(z_q))
+        if self.config.pixel_range == "0,1":
+            x = x * 2.0 - 1.0
+        return x
+
+    def forward(self, x: torch.Tensor) -> VQGANOutput:
+        """Training pass: encode, quantize, straight-through, decode (see ``VQGANOutput``)."""
+        latent = self.encode_to_latent(x)
+        quantized, tokens = self.quantize(latent)
+        straight_through = latent + (quantized - latent).detach()
+        return VQGANOutput(self.decode_codes(straight_through), latent, quantized, tokens)
+
+    # ---- token API ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+        """Images ``[b, in_channels, H, W]`` float in [-1, 1] -> tokens ``[b, h, w]`` int64 with
+        ``(h, w) = token_grid(H, W)``. Non-multiple sizes are padded right/bottom (``pad``, see
+        ``encode_to_latent``); the grid covers the padded image. Gumbel models take the argmax
+        code (taming samples)."""
+        _, tokens = self.quantize(self.encode_to_latent(x, pad=pad))
+        return tokens
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: torch.Tensor, *, tile: int | None = None, overlap: int | None = None
+    ) -> torch.Tensor:
+        """Tokens ``[b, h, w]`` int -> images ``[b, out_ch, h*f, w*f]`` in [-1, 1].
+
+        ``tile`` (tokens): decode overlapping ``tile x tile`` windows one at a time and blend them
+        with linear ramps across the ``overlap`` tokens (default ``tile // 4``) at each seam. This
+        bounds peak memory by the tile size; the result is close to, not equal to, a full decode
+        (each tile's receptive field and GroupNorm statistics stop at its border). ``tile >= h``
+        and ``>= w`` is exactly the full decode."""
+        tokens = _check_tokens(tokens, self.codebook_size, "VQGAN.decode")
+        if tile is None:
+            return self.decode_codes(self.lookup(tokens))
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise ValueError(
+                f"VQGAN.decode: tile must be a positive number of tokens or None, got {tile!r}"
+            )
+        if overlap is None:
+            overlap = tile // 4
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+            raise ValueError(
+                f"VQGAN.decode: overlap must be an integer in [0, tile={tile}), got {overlap!r}"
+            )
+        h, w = tokens.shape[-2:]
+        if tile >= h and tile >= w:
+            return self.decode_codes(self.lookup(tokens))
+        return self._decode_tiled(tokens, tile, overlap)
+
+    def _decode_tiled(self, tokens: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+        b, h, w = tokens.shape
+        f = self.downsample_factor
+        device = self._param().device
+        out = torch.zeros(b, self.out_channels, h * f, w * f, dtype=torch.float32, device=device)
+        total = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=device)
+        th, tw = min(tile, h), min(tile, w)
+        for y0 in _tile_starts(h, th, overlap):
+            wy = _seam_ramp(th * f, overlap * f, start=y0 > 0, end=y0 + th < h, device=device)
+            for x0 in _tile_starts(w, tw, overlap):
+                wx = _seam_ramp(tw * f, overlap * f, start=x0 > 0, end=x0 + tw < w, device=device)
+                piece = self.decode_codes(
+                    self.lookup(tokens[:, y0 : y0 + th, x0 : x0 + tw])
+                ).float()
+                weight = rearrange(wy, "y -> 1 1 y 1") * rearrange(wx, "x -> 1 1 1 x")
+                window = (
+                    slice(None),
+                    slice(None),
+                    slice(y0 * f, (y0 + th) * f),
+                    slice(x0 * f, (x0 + tw) * f),
+                )
+                out[window] += piece * weight
+                total[window] += weight
+        return (out / total).to(self._param().dtype)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of ``tile`` covering ``range(n)``, neighbours overlapping by at
+    least ``overlap``; the last window is aligned to the end."""
+    if tile >= n:
+        return [0]
+    return [*range(0, n - tile, tile - overlap), n - tile]
+
+
+def _seam_ramp(
+    size: int, ramp: int, *, start: bool, end: bool, device: torch.device
+) -> torch.Tensor:
+    """Blend weights ``[size]``: 1 inside, rising linearly over ``ramp`` pixels at a seam on the
+    start side and falling at the end side. Two ramps facing each other over the same overlap sum
+    to 1; every weight is > 0, so the normalised blend is defined everywhere."""
+    weight = torch.ones(size, dtype=torch.float32, device=device)
+    if ramp > 0:
+        rise = (torch.arange(ramp, dtype=torch.float32, device=device) + 0.5) / ramp
+        if start:
+            weight[:ramp] = torch.minimum(weight[:ramp], rise)
+        if end:
+            weight[-ramp:] = torch.minimum(weight[-ramp:], rise.flip(0))
+    return weight
+
+
+# --------------------------------------------------------------------------------------------
+# pixel codec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelCodecConfig:
+    """``levels`` grey levels per channel (2..65536), ``channels`` image channels."""
+
+    levels: int = 256
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.levels, bool)
+            or not isinstance(self.levels, int)
+            or not 2 <= self.levels <= 65536
+        ):
+            raise ValueError(
+                f"PixelCodec levels must be an integer in [2, 65536], got {self.levels!r}"
+            )
+        if (
+            isinstance(self.channels, bool)
+            or not isinstance(self.channels, int)
+            or self.channels < 1
+        ):
+            raise ValueError(f"PixelCodec channels must be an integer >= 1, got {self.channels!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"pixel:levels={self.levels},channels={self.channels}"
+
+
+class PixelCodec(nn.Module):
+    """Identity "codec" for pixel-level priors (factor 1, ``codebook_size = levels``).
+
+    encode: ``x`` in [-1, 1] -> ``round((x + 1) / 2 * (levels - 1))`` (values outside [-1, 1] are
+    clamped); decode: ``t / (levels - 1) * 2 - 1``. Token layout for ``channels > 1``: channels
+    are interleaved along the width, ``tokens[b, y, x * channels + c] = code of pixel (y, x),
+    channel c`` (einops ``b c h w -> b h (w c)``), so a C-channel H x W image is an H x (W*C)
+    grid over a ``levels``-sized vocabulary (not levels^C). Identified by the string
+    ``spec`` ``"pixel:levels=256,channels=1"`` (``PixelCodec.from_spec``), which is what a prior's
+    ``sundae.codec`` metadata records. No weights: nothing to save."""
+
+    def __init__(self, levels: int = 256, channels: int = 1):
+        super().__init__()
+        self.config = PixelCodecConfig(levels=levels, channels=channels)
+
+    @classmethod
+    def from_config(cls, config: PixelCodecConfig | dict[str, Any]) -> PixelCodec:
+        if isinstance(config, dict):
+            config = config_from_dict(PixelCodecConfig, config, what="PixelCodecConfig")
+        return cls(levels=config.levels, channels=config.channels)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> PixelCodec:
+        """Parse ``"pixel"``, ``"pixel:levels=16"`` or ``"pixel:levels=256,channels=3"``
+        (keys in any order; missing keys take their defaults)."""
+        if not isinstance(spec, str):
+            raise ValueError(
+                f"PixelCodec spec must be a string like 'pixel:levels=256,channels=1', got {spec!r}"
+            )
+        head, _, body = spec.strip().partition(":")
+        if head.strip() != "pixel":
+            raise ValueError(
+                f"{spec!r} is not a pixel codec spec; expected 'pixel:levels=256,channels=1'"
+            )
+        values: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in body.split(","))):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if not eq or key not in ("levels", "channels"):
+                raise ValueError(
+                    f"pixel codec spec {spec!r}: bad item {item!r}; valid keys are levels= and channels="
+                )
+            if key in values:
+                raise ValueError(f"pixel codec spec {spec!r}: {key} given twice")
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"pixel codec spec {spec!r}: {key} must be an integer, got {value!r}"
+                ) from None
+        return cls(**values)
+
+    @property
+    def spec(self) -> str:
+        return self.config.spec
+
+    @property
+    def levels(self) -> int:
+        return self.config.levels
+
+    @property
+    def downsample_factor(self) -> int:
+        return 1
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.levels
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.channels
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        return height, width * self.config.channels
+
+    def image_size(self, h: int, w: int) -> tuple[int, int]:
+        if w % self.config.channels:
+            raise ValueError(
+                f"PixelCodec: a token grid width of {w} is not a multiple of channels={self.config.channels}"
+            )
+        return h, w // self.config.channels
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+        """Images ``[b, channels, H, W]`` float in [-1, 1] -> tokens ``[b, H, W*channels]`` int64.
+        ``pad`` is accepted for interface parity (factor 1 never pads)."""
+        _check_images(x, self.config.channels, "PixelCodec.encode")
+        _check_pad_mode(pad)
+        top = self.config.levels - 1
+        tokens = torch.round((x.float().clamp(-1.0, 1.0) + 1.0) / 2.0 * top).long()
+        return rearrange(tokens, "b c h w -> b h (w c)")
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: torch.Tensor, *, tile: int | None = None, overlap: int | None = None
+    ) -> torch.Tensor:
+        """Tokens ``[b, H, W*channels]`` -> images ``[b, channels, H, W]`` float32 in [-1, 1].
+        ``tile``/``overlap`` are accepted for interface parity and ignored (nothing to tile)."""
+        tokens = _check_tokens(tokens, self.config.levels, "PixelCodec.decode")
+        c = self.config.channels
+        if tokens.shape[-1] % c:
+            raise ValueError(
+                f"PixelCodec.decode: token grid width {tokens.shape[-1]} is not a multiple of channels={c} "
+                "(channels are interleaved along the width)"
+            )
+        x = tokens.float() / (self.config.levels - 1) * 2.0 - 1.0
+        return rearrange(x, "b h (w c) -> b c h w", c=c)
+
+    def extra_repr(self) -> str:
+        return self.spec
+
+
+# --------------------------------------------------------------------------------------------
+# native files
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    """The bare model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while not isinstance(model, VQGAN | PixelCodec):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def save_vqgan(
+    model: VQGAN, path: str | os.PathLike, *, extra_metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``model`` as a native ``.safetensors`` (taming key layout, config JSON in the
+    metadata, ``sundae.model_type = vqgan``), atomically. DDP / compiled wrappers are unwrapped."""
+    model = _unwrap(model)
+    if isinstance(model, PixelCodec):
+        raise ValueError(
+            f"a PixelCodec has no weights to save; identify it by its spec {model.spec!r} instead "
+            "(PixelCodec.from_spec rebuilds it)"
+        )
+    if not isinstance(model, VQGAN):
+        raise ValueError(f"save_vqgan expects a VQGAN, got {type(model).__name__}")
+    meta = {
+        "sundae.codebook_size": str(model.codebook_size),
+        "sundae.downsample_factor": str(model.downsample_factor),
+    }
+    meta.update(extra_metadata or {})
+    return save_native(
+        model.state_dict(),
+        path,
+        model_type=MODEL_TYPE,
+        config_json=config_to_json(model.config),
+        extra_metadata=meta,
+    )
+
+
+def load_vqgan_native(path: str | os.PathLike) -> VQGAN:
+    """Read a native VQ-GAN file (``save_vqgan``) strictly: missing / unexpected keys and shape
+    mismatches raise ``ValueError`` naming them. Returns the model in eval mode on the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"VQ-GAN file {str(path)!r} does not exist")
+    config_dict, state_dict, _ = load_native(path, expected_type=MODEL_TYPE)
+    config = config_from_dict(VQGANConfig, config_dict, what=f"VQ-GAN config in {str(path)!r}")
+    model = VQGAN(config)
+    load_state_dict_strict(model, state_dict, what=f"VQ-GAN {str(path)!r}")
+    return model.eval()
