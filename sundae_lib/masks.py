@@ -101,13 +101,15 @@ def token_mask_from_pixels(
     rule: str = "any",
     threshold: float = 0.5,
     grow: int = 0,
+    image_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Reduce a pixel mask (True/1 = regenerate) to a token mask on a ``grid = (h, w)``.
 
-    mask: ``[H, W]`` or ``[b, H, W]``, bool or float 0..1. If its size is not ``(h*factor,
-    w*factor)`` it is resized to that first (see :func:`resize_mask`; to respect an image that
-    was padded, use :func:`fit_mask_to_grid` before). Each token covers a ``factor × factor``
-    pixel cell; the token is regenerated when
+    mask: ``[H, W]`` or ``[b, H, W]``, bool or float 0..1, of any size. Without ``image_size``
+    it is resized to the token canvas ``(h*factor, w*factor)``; with ``image_size = (H, W)`` (the
+    image the codec encoded, when the canvas was padded or cropped from it) it is resized to the
+    image and then edge-extended / cropped to the canvas (:func:`fit_mask_to_grid`). Each token
+    covers a ``factor × factor`` pixel cell; the token is regenerated when
 
     - ``rule="any"`` (default): any pixel of the cell is masked (value >= 0.5), so nothing the
       user painted survives — the usual inpainting rule;
@@ -130,7 +132,10 @@ def token_mask_from_pixels(
         raise ValueError(f"token_mask_from_pixels: grid must be (h, w) with both >= 1, got {tuple(grid)}")
     f = int(factor)
     gh, gw = int(grid[0]), int(grid[1])
-    m = resize_mask(mask, (gh * f, gw * f))
+    if image_size is not None:
+        m = fit_mask_to_grid(mask, image_size=image_size, factor=f, grid=(gh, gw))
+    else:
+        m = resize_mask(mask, (gh * f, gw * f))
     cells = rearrange(m, "b (h fh) (w fw) -> b h w (fh fw)", fh=f, fw=f)
     if rule == "any":
         out = (cells >= PIXEL_ON).any(dim=-1)
