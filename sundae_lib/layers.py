@@ -1,0 +1,314 @@
+"""Building blocks of the SUNDAE prior: 2D axial rotary embedding, attention, feed-forward,
+pre-norm transformer blocks and the two attention-resampling blocks of the hourglass.
+
+Positions. Every token has a 2D position in *full-resolution token units*: a token at level
+stride ``S`` (``S = 1`` on the input grid, ``S = s`` one level down, ...) with index ``(i, j)``
+sits at the centre of the ``S × S`` block of fine tokens it summarises,
+``(i·S + (S-1)/2, j·S + (S-1)/2)``. Rotary frequencies are fixed numbers
+(``base^(-k/n)`` radians per fine token), independent of the grid size, so a prior trained on
+16×16 runs unchanged on 20×12. RoPE scores depend only on position *differences*, so blocks
+that attend inside small windows (the resampling blocks) may use window-local coordinates.
+
+einops axis legend:
+    b batch · h, w grid rows / columns at the current level · n tokens (h·w) · d model width ·
+    heads attention heads · e head width (dim_head) · hc, wc coarse grid · s1, s2 offsets inside
+    an s×s patch · k keys of one resampling window
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [n, e] float32
+
+
+# --------------------------------------------------------------------------------------------
+# 2D axial rotary embedding
+# --------------------------------------------------------------------------------------------
+
+
+class Rotary2D:
+    """Per-head 2D axial RoPE (a plain object: no parameters, nothing in the state dict).
+
+    Of the ``e = dim_head`` channels of every head, the first ``e/2`` form ``e/4`` rotation
+    pairs that encode the row, the other ``e/2`` encode the column ("half rows, half columns").
+    Pairs are (c, c + e/2) in the rotate-half convention. Frequency k (k = 0..e/4-1) is
+    ``base^(-k/(e/4))`` radians per fine token: the fastest turns once per ~6 tokens, the
+    slowest once per ``2π·base`` tokens.
+    """
+
+    def __init__(self, dim_head: int, base: float) -> None:
+        if dim_head % 4:
+            raise ValueError(f"2D rotary needs dim_head divisible by 4, got {dim_head}")
+        self.dim_head = dim_head
+        self.base = float(base)
+
+    def frequencies(self, device: torch.device | None = None) -> torch.Tensor:
+        n = self.dim_head // 4
+        return self.base ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
+
+    def tables(self, pos_y: torch.Tensor, pos_x: torch.Tensor) -> RotaryTables:
+        """cos/sin tables ``[n, e]`` for points at float positions ``pos_y, pos_x: [n]``."""
+        freqs = self.frequencies(pos_y.device)
+        angles = torch.cat([pos_y[:, None] * freqs, pos_x[:, None] * freqs], dim=-1)  # [n, e/2]
+        angles = torch.cat([angles, angles], dim=-1)  # channel c and c + e/2 share an angle
+        return angles.cos(), angles.sin()
+
+    def grid(self, h: int, w: int, *, stride: int, device: torch.device) -> RotaryTables:
+        """Tables for a raster-ordered ``h × w`` grid of tokens at level stride ``stride``."""
+        pos_y, pos_x = grid_positions(h, w, stride=stride, device=device)
+        return self.tables(pos_y, pos_x)
+
+
+def grid_positions(h: int, w: int, *, stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-resolution centres of an ``h × w`` grid at level stride ``stride``: two ``[h·w]``
+    float tensors (rows, columns) in raster order."""
+    centre = (stride - 1) / 2
+    ys = torch.arange(h, device=device, dtype=torch.float32) * stride + centre
+    xs = torch.arange(w, device=device, dtype=torch.float32) * stride + centre
+    return repeat(ys, "h -> (h w)", w=w), repeat(xs, "w -> (h w)", h=h)
+
+
+def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
+    """Rotate ``x: [..., n, e]`` by the angles of ``tables`` (``[n, e]`` each)."""
+    cos, sin = (t.to(x.dtype) for t in tables)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# attention, feed-forward, blocks
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention`` (non-causal).
+
+    Width ``I = heads · dim_head`` may differ from ``dim`` (the paper used I = 512 at D = 1024).
+    Rotary is applied to q and k *after* the head split, so every head sees positions (the
+    official code rotated the first 64 channels before the split: head 0 only, bug B2).
+    """
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def heads_output(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        rot_q: RotaryTables | None = None,
+        rot_k: RotaryTables | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-head attention output before the output projection.
+
+        x: [b, n, d] queries; context: [b, m, d] keys/values (default ``x``); rot_q / rot_k:
+        rotary tables for the n queries / m keys; mask: bool, broadcastable to [b, heads, n, m],
+        True = may attend. Returns [b, heads, n, e].
+        """
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (heads e) -> b heads n e", heads=self.heads)
+        k, v = (
+            rearrange(t, "b m (heads e) -> b heads m e", heads=self.heads)
+            for t in self.to_kv(context).chunk(2, dim=-1)
+        )
+        if rot_q is not None:
+            q = apply_rotary(q, rot_q)
+        if rot_k is not None:
+            k = apply_rotary(k, rot_k)
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+    def forward(self, x, context=None, *, rot_q=None, rot_k=None, mask=None) -> torch.Tensor:
+        out = self.heads_output(x, context, rot_q=rot_q, rot_k=rot_k, mask=mask)
+        return self.to_out(rearrange(out, "b heads n e -> b n (heads e)"))
+
+
+class FeedForward(nn.Module):
+    """Linear(d → mult·d) → exact GELU → dropout → Linear(mult·d → d), as in the paper."""
+
+    def __init__(self, dim: int, *, mult: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult)
+        self.drop = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.drop(F.gelu(self.proj_in(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN x); x += FF(LN x). x: [b, n, d]."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rot: RotaryTables) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rot_q=rot, rot_k=rot))
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+class Stack(nn.Module):
+    """``depth`` blocks of full self-attention over one grid level at stride ``stride``.
+
+    forward: x [b, h, w, d] -> [b, h, w, d]; depth 0 is the identity.
+    """
+
+    def __init__(self, depth: int, *, stride: int, rotary: Rotary2D, **block_kwargs) -> None:
+        super().__init__()
+        self.stride = stride
+        self.rotary = rotary
+        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.layers) == 0:
+            return x
+        _, h, w, _ = x.shape
+        rot = self.rotary.grid(h, w, stride=self.stride, device=x.device)
+        x = rearrange(x, "b h w d -> b (h w) d")
+        for layer in self.layers:
+            x = layer(x, rot)
+        return rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
+
+
+# --------------------------------------------------------------------------------------------
+# attention resampling (hourglass shortening / upsampling helpers)
+# --------------------------------------------------------------------------------------------
+
+
+class _ResampleBlock(nn.Module):
+    """Shared parts of both resampling blocks: queries and context are normed separately
+    (the official code fed the context un-normalised), then a pre-norm FF."""
+
+    def __init__(self, dim: int, *, factor: int, heads: int, dim_head: int, ff_mult: int,
+                 dropout: float, stride: int, rotary: Rotary2D) -> None:
+        super().__init__()
+        self.factor = factor
+        self.stride = stride  # stride of the *fine* level
+        self.rotary = rotary
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+class ResampleDown(_ResampleBlock):
+    """Pre-valley resampling: each coarse token (one query) attends to exactly the ``s × s``
+    fine tokens of *its own* 2D patch — the same patch the linear space-to-depth projection
+    merged (the official code used 4 consecutive raster tokens, a 1×4 strip: bug B1).
+
+    Fine tokens that are only padding (grid not divisible by s) are masked out.
+    """
+
+    def patch_attention(self, coarse: torch.Tensor, fine: torch.Tensor, size: tuple[int, int]):
+        """The attention term alone: coarse [b, hc, wc, d], fine [b, hc·s, wc·s, d] (padded),
+        ``size`` = real (h, w) of the fine grid. Returns [b, hc, wc, d]."""
+        s, st = self.factor, self.stride
+        b, hc, wc, _ = coarse.shape
+        q = rearrange(self.norm_q(coarse), "b hc wc d -> (b hc wc) 1 d")
+        kv = rearrange(self.norm_kv(fine), "b (hc s1) (wc s2) d -> (b hc wc) (s1 s2) d", s1=s, s2=s)
+        # window-local positions (RoPE is relative): keys at s1·S, query at the patch centre
+        ky, kx = grid_positions(s, s, stride=1, device=coarse.device)
+        centre = torch.full((1,), (s - 1) / 2 * st, device=coarse.device)
+        rot_k = self.rotary.tables(ky * st, kx * st)
+        rot_q = self.rotary.tables(centre, centre)
+        mask = None
+        h, w = size
+        if h != hc * s or w != wc * s:  # some patches hold padding: hide it
+            rows = torch.arange(hc * s, device=coarse.device) < h
+            cols = torch.arange(wc * s, device=coarse.device) < w
+            valid = rows[:, None] & cols[None, :]
+            mask = repeat(valid, "(hc s1) (wc s2) -> (b hc wc) 1 1 (s1 s2)", s1=s, s2=s, b=b)
+        out = self.attn(q, kv, rot_q=rot_q, rot_k=rot_k, mask=mask)
+        return rearrange(out, "(b hc wc) 1 d -> b hc wc d", b=b, hc=hc, wc=wc)
+
+    def forward(self, coarse: torch.Tensor, fine: torch.Tensor, size: tuple[int, int]):
+        """coarse [b, hc, wc, d] (after the down projection), fine [b, hc·s, wc·s, d] (padded)
+        -> coarse [b, hc, wc, d]."""
+        x = coarse + self.drop(self.patch_attention(coarse, fine, size))
+        return self._finish(x)
+
+
+class ResampleUp(_ResampleBlock):
+    """Post-valley resampling: each fine token attends to the 3×3 coarse neighbourhood around
+    its parent (9 keys, fewer at the border, masked).
+
+    The official block gave each fine token a single key, so its softmax was identically 1
+    and its q/k projections never learned (bug B3). With a 3×3 window the block can choose
+    between the parent and its neighbours, e.g. to sharpen patch boundaries. The window is the
+    parent's: all ``s × s`` fine tokens of one patch share it, which keeps the attention a
+    batched ``(b hc wc)``-group call with no gather.
+    """
+
+    def neighbour_attention(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The attention term alone: fine [b, hc·s, wc·s, d] queries, coarse [b, hc, wc, d]
+        context. Returns [b, hc·s, wc·s, d]."""
+        s, st = self.factor, self.stride
+        b, hc, wc, _ = coarse.shape
+        q = rearrange(self.norm_q(fine), "b (hc s1) (wc s2) d -> (b hc wc) (s1 s2) d", s1=s, s2=s)
+        ctx = F.pad(self.norm_kv(coarse), (0, 0, 1, 1, 1, 1))  # zero ring, masked below
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        windows = torch.stack(
+            [ctx[:, 1 + dy : 1 + dy + hc, 1 + dx : 1 + dx + wc] for dy, dx in offsets], dim=3
+        )
+        kv = rearrange(windows, "b hc wc k d -> (b hc wc) k d")
+        dev = coarse.device
+        off = torch.tensor(offsets, device=dev)  # [k=9, 2] integer (dy, dx)
+        rows = torch.arange(hc, device=dev)[:, None] + off[None, :, 0]  # [hc, 9]
+        cols = torch.arange(wc, device=dev)[:, None] + off[None, :, 1]  # [wc, 9]
+        valid_r = (rows >= 0) & (rows < hc)
+        valid_c = (cols >= 0) & (cols < wc)
+        valid = valid_r[:, None, :] & valid_c[None, :, :]  # [hc, wc, 9]: neighbour inside grid
+        mask = repeat(valid, "hc wc k -> (b hc wc) 1 1 k", b=b)
+        # window-local positions: fine tokens at s1·S; neighbour centres at (dy·s + (s-1)/2)·S
+        qy, qx = grid_positions(s, s, stride=1, device=dev)
+        rot_q = self.rotary.tables(qy * st, qx * st)
+        centre = (s - 1) / 2
+        off = off.float()
+        rot_k = self.rotary.tables((off[:, 0] * s + centre) * st, (off[:, 1] * s + centre) * st)
+        out = self.attn(q, kv, rot_q=rot_q, rot_k=rot_k, mask=mask)
+        return rearrange(out, "(b hc wc) (s1 s2) d -> b (hc s1) (wc s2) d", b=b, hc=hc, wc=wc,
+                         s1=s, s2=s)
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """fine [b, hc·s, wc·s, d] (upsampled + skip, padded), coarse [b, hc, wc, d] (valley
+        output) -> fine [b, hc·s, wc·s, d]."""
+        x = fine + self.drop(self.neighbour_attention(fine, coarse))
+        return self._finish(x)
+
+
+def scaled_init_(module: nn.Module, *, num_blocks: int) -> None:
+    """GPT-2 style init: Linear and Embedding weights N(0, 0.02), biases 0; the projections
+    that write into the residual stream (attention ``to_out``, FF ``proj_out``) N(0, 0.02 /
+    sqrt(2·num_blocks)), so the stream's variance does not grow with depth."""
+    out_std = 0.02 / math.sqrt(2 * max(num_blocks, 1))
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = out_std if name.endswith(("to_out", "proj_out")) else 0.02
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
