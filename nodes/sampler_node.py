@@ -1,0 +1,201 @@
+"""SUNDAE Sampler: generation, class-conditional generation, inpainting and variations."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .. import sundae_lib
+from . import comfy_adapter as comfy
+from .codec_nodes import check_tokens_fit_codec
+from .convert import codec_to_image, image_to_pil, repeat_batch, tokens_on
+from .types import PRIOR_TYPE, TOKENS_TYPE, VQGAN_TYPE, CodecHandle, PriorHandle, TokenBatch
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_INTERVAL_S = 1.0  # decode a live preview at most about once a second
+PREVIEW_MAX_SIZE = 512
+MAX_SIZE = 16384
+clock = time.monotonic  # tests replace it with a fake clock
+
+
+def _float(default, lo, hi, step, tooltip):
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+
+
+class SundaeSampler:
+    DESCRIPTION = (
+        "Samples tokens with a SUNDAE prior: every step proposes new tokens for the whole grid in "
+        "parallel. Without tokens it generates images of the given size; with tokens it inpaints "
+        "their masked part (Latent Mask) or makes variations (strength below 1). Connect the "
+        "VQ-GAN to see live previews."
+    )
+    CATEGORY = "sundae"
+    RETURN_TYPES = (TOKENS_TYPE,)
+    RETURN_NAMES = ("tokens",)
+    OUTPUT_TOOLTIPS = ("The sampled tokens (decode them with VQ-GAN Decode).",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prior": (PRIOR_TYPE, {"tooltip": "The SUNDAE prior to sample from."}),
+                "seed": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                     "tooltip": "The random seed; the same seed and settings give the same images."},
+                ),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Maximum number of denoising steps; more steps refine further but take longer."}),
+                "temperature_start": _float(1.0, 0.01, 5.0, 0.01, "Sampling temperature at the first step; higher gives more varied, noisier proposals."),
+                "temperature_end": _float(0.7, 0.01, 5.0, 0.01, "Sampling temperature at the last step (linear schedule); lower gives cleaner, less varied results."),
+                "update_start": _float(1.0, 0.01, 1.0, 0.01, "Fraction of tokens that may change at the first step; higher moves faster."),
+                "update_end": _float(1.0, 0.01, 1.0, 0.01, "Fraction of tokens that may change at the last step; lower settles more gently."),
+                "early_stop": ("BOOLEAN", {"default": True, "tooltip": "Stop a sample once a step changes none of its tokens (faster); off always runs every step."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Images to generate (per input image when tokens are connected); more takes longer."}),
+                "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip": "The class to generate for a class-conditional prior (e.g. the digit 0-9); -1 = unconditional (the null class)."}),
+                "cfg_scale": _float(1.0, 0.0, 30.0, 0.1, "Classifier-free guidance for a class: 1 = off, higher follows the class more strongly at the cost of variety."),
+                "strength": _float(1.0, 0.0, 1.0, 0.01, "With input tokens: how much may change; 1 regenerates fully (or the whole mask), lower keeps more of the input (variations)."),
+                "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image width in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained width; larger gives wider images."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image height in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained height; larger gives taller images."}),
+            },
+            "optional": {
+                "tokens": (TOKENS_TYPE, {"tooltip": "Tokens to inpaint (with a Latent Mask) or to vary (strength below 1); leave empty to generate from scratch."}),
+                "vqgan": (VQGAN_TYPE, {"tooltip": "Connect the VQ-GAN to see a live preview about once a second and to size images in pixels."}),
+            },
+        }
+
+    def run(self, prior: PriorHandle, seed: int, steps: int, temperature_start: float, temperature_end: float,
+            update_start: float, update_end: float, early_stop: bool, batch_size: int, class_label: int,
+            cfg_scale: float, strength: float, width: int, height: int,
+            tokens: TokenBatch | None = None, vqgan: CodecHandle | None = None):
+        comfy.throw_if_interrupted()
+        _check_codebooks(prior, vqgan)
+        labels = _labels(prior, class_label, batch_size * (tokens.batch_size if tokens is not None else 1))
+
+        if tokens is not None:
+            if vqgan is not None:
+                check_tokens_fit_codec(tokens, vqgan, node="SundaeSampler")
+            _check_tokens_fit_prior(tokens, prior)
+            out = tokens.replace(tokens=repeat_batch(tokens.tokens, batch_size), mask=repeat_batch(tokens.mask, batch_size))
+            if out.mask is not None and not bool(out.mask.any()):
+                logger.info("SundaeSampler: the mask is empty, nothing to regenerate: returning the input tokens")
+                return (out,)
+            init, mask, grid = tokens_on(out.tokens, prior.device), out.mask, out.grid
+            if mask is not None:
+                mask = mask.to(prior.device)
+        else:
+            grid, factor = _grid_for_size(prior, vqgan, width, height)
+            out = TokenBatch(
+                tokens=torch.zeros(batch_size, *grid, dtype=torch.long), mask=None, factor=factor,
+                codec_id=vqgan.codec_id if vqgan is not None else None,
+            )
+            init = mask = None
+
+        generator = torch.Generator(device=prior.device).manual_seed(int(seed))
+        callback = _Progress(steps, vqgan, out)
+        result = sundae_lib.sample(
+            prior.model, batch_size=out.batch_size, grid=grid, steps=steps,
+            temperature=(temperature_start, temperature_end), update_proportion=(update_start, update_end),
+            early_stop=early_stop, labels=labels, cfg_scale=cfg_scale, init_tokens=init, mask=mask,
+            strength=strength, generator=generator, callback=callback,
+        )
+        callback.finish()
+        return (out.replace(tokens=result.to("cpu", torch.long)),)
+
+
+def _check_codebooks(prior: PriorHandle, vqgan: CodecHandle | None) -> None:
+    if vqgan is not None and prior.codebook_size != vqgan.codebook_size:
+        hint = f" (the prior's file says its codec is '{prior.codec}')" if prior.codec else ""
+        raise ValueError(
+            f"SundaeSampler: prior {prior.name!r} has {prior.codebook_size} codes but the VQ-GAN "
+            f"{vqgan.name!r} has {vqgan.codebook_size} — load the VQ-GAN the prior was trained on{hint}"
+        )
+
+
+def _check_tokens_fit_prior(tokens: TokenBatch, prior: PriorHandle) -> None:
+    top = int(tokens.tokens.max())
+    if top >= prior.codebook_size:
+        raise ValueError(
+            f"SundaeSampler: the input tokens use code {top} but prior {prior.name!r} knows only "
+            f"{prior.codebook_size} codes — encode the image with the VQ-GAN the prior was trained on"
+            f"{f' ({prior.codec})' if prior.codec else ''}"
+        )
+    if prior.factor is not None and tokens.factor != prior.factor:
+        raise ValueError(
+            f"SundaeSampler: the input tokens come from a factor-{tokens.factor} codec but prior "
+            f"{prior.name!r} was trained on a factor-{prior.factor} codec ({prior.codec}) — encode with that one"
+        )
+
+
+def _labels(prior: PriorHandle, class_label: int, batch: int) -> torch.Tensor | None:
+    n = int(prior.model.num_classes)
+    if n == 0:
+        if class_label != -1:
+            raise ValueError(
+                f"SundaeSampler: class_label {class_label} given but prior {prior.name!r} is "
+                "unconditional (it has no classes) — set class_label to -1"
+            )
+        return None
+    if class_label == -1:
+        if not prior.model.has_null_class:
+            raise ValueError(
+                f"SundaeSampler: prior {prior.name!r} has no null class, so it cannot sample "
+                f"unconditionally — set class_label to a class 0..{n - 1}"
+            )
+    elif not 0 <= class_label < n:
+        raise ValueError(
+            f"SundaeSampler: class_label {class_label} is out of range: prior {prior.name!r} has "
+            f"{n} classes — use 0..{n - 1}, or -1 for unconditional"
+            f"{'' if prior.model.has_null_class else ' (not available for this prior)'}"
+        )
+    return torch.full((batch,), class_label, dtype=torch.long, device=prior.device)
+
+
+def _grid_for_size(prior: PriorHandle, vqgan: CodecHandle | None, width: int, height: int):
+    """Token grid for a requested pixel size (0 = the prior's trained size), and the factor."""
+    factor = vqgan.factor if vqgan is not None else prior.factor
+    trained = tuple(int(g) for g in prior.model.config.grid)
+    if (width or height) and factor is None:
+        raise ValueError(
+            f"SundaeSampler: width/height are in pixels, but the codec factor of prior {prior.name!r} "
+            "is unknown — connect the VQ-GAN to the sampler's 'vqgan' input, connect tokens, or set "
+            "width and height to 0 for the prior's trained size"
+        )
+    h = max(1, int(height / factor + 0.5)) if height else trained[0]  # nearest, halves up
+    w = max(1, int(width / factor + 0.5)) if width else trained[1]
+    if factor is not None:
+        logger.info("SundaeSampler: generating %dx%d px (%dx%d tokens, factor %d)", w * factor, h * factor, w, h, factor)
+    else:
+        logger.info("SundaeSampler: generating %dx%d tokens (the prior's trained grid)", w, h)
+    return (h, w), factor
+
+
+class _Progress:
+    """The sampler callback: interrupt check every step, progress bar, throttled previews."""
+
+    def __init__(self, steps: int, vqgan: CodecHandle | None, out: TokenBatch):
+        self.bar = comfy.progress_bar(steps)
+        self.vqgan, self.out = vqgan, out
+        self.last_preview = None
+        self.step, self.total = 0, steps
+
+    def __call__(self, step: int, total: int, tokens: torch.Tensor) -> None:
+        comfy.throw_if_interrupted()  # Cancel stops within one step
+        self.step, self.total = step, total
+        preview = None
+        now = clock()
+        if self.vqgan is not None and (self.last_preview is None or now - self.last_preview >= PREVIEW_INTERVAL_S):
+            preview = self._preview(tokens)
+            self.last_preview = clock()
+        self.bar.update_absolute(step, total, preview)
+
+    def _preview(self, tokens: torch.Tensor):
+        x = self.vqgan.model.decode(tokens[:1].to(self.vqgan.device))
+        image = codec_to_image(x, self.out.pixel_size, device=torch.device("cpu"))[0]
+        return ("JPEG", image_to_pil(image), PREVIEW_MAX_SIZE)
+
+    def finish(self) -> None:
+        self.bar.update_absolute(self.total, self.total, None)
