@@ -329,7 +329,7 @@ class SundaePrior(nn.Module):
     forward(tokens [b, h, w] integer in [0, codebook_size), labels [b] int64 | None)
         -> logits [b, h, w, codebook_size] (float; the autocast dtype under autocast).
 
-    Labels: ``-1`` (or ``num_classes``) = the null class; ``None`` on a conditional prior =
+    Labels: ``0..num_classes-1``; ``-1`` = the null class; ``None`` on a conditional prior =
     null class for the whole batch; an unconditional prior rejects labels.
     ``metadata`` holds the string header of the file it was loaded from (``{}`` otherwise).
     """
@@ -378,7 +378,8 @@ class SundaePrior(nn.Module):
 
     @property
     def null_label(self) -> int | None:
-        """Index of the null class embedding, or ``None`` when there is none."""
+        """Row of the null class in ``class_emb`` (``None`` when there is none). Callers pass
+        ``-1`` as the label, not this index."""
         return self.config.num_classes if self.has_null_class else None
 
     @property
@@ -447,7 +448,7 @@ class SundaePrior(nn.Module):
             )
         labels = labels.to(device=device, dtype=torch.long)
         low = -1 if self.has_null_class else 0
-        if bool(((labels < low) | (labels > c - 1 + int(self.has_null_class))).any()):
+        if bool(((labels < low) | (labels >= c)).any()):
             allowed = f"0..{c - 1}" + (" or -1 (null class)" if self.has_null_class else "")
             raise ValueError(
                 f"SundaePrior: labels {labels.tolist()[:16]} out of range; this prior has {c} "
