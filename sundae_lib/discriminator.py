@@ -17,6 +17,9 @@ Axis legend: b batch, c channels, H W image size, h w patch-logit grid.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -27,6 +30,7 @@ __all__ = [
     "NLayerDiscriminator",
     "adopt_weight",
     "build_discriminator",
+    "frozen",
     "calculate_adaptive_weight",
     "generator_adversarial_loss",
     "hinge_d_loss",
@@ -206,3 +210,19 @@ def calculate_adaptive_weight(
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
     return torch.clamp(weight, 0.0, 1e4).detach() * disc_weight
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` with its parameters not requiring grad (restored afterwards): outputs still
+    carry gradient to their *inputs*, but a later backward leaves the parameters' ``.grad``
+    untouched. Used for the discriminator inside the generator step."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)

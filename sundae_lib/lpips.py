@@ -242,7 +242,8 @@ def _slice_bounds() -> list[int]:
 
 def read_state_dict(source: str | os.PathLike, *, what: str) -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` dict from ``.safetensors`` or a torch file loaded with
-    ``weights_only=True`` (a Lightning checkpoint's ``state_dict`` is unwrapped), locally or from
+    ``weights_only=True`` (``safe_pickle.safe_torch_load``: a Lightning checkpoint's callbacks and
+    hyper-parameters become inert stand-ins; its ``state_dict`` is unwrapped), locally or from
     ``hf://owner/repo/file``."""
     if is_hf_source(source):
         repo_id, filename = parse_hf_source(str(source))
@@ -255,14 +256,9 @@ def read_state_dict(source: str | os.PathLike, *, what: str) -> dict[str, torch.
             raise FileNotFoundError(f"{what}: weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         return load_safetensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and friends: the file references non-tensor objects
-        raise ValueError(
-            f"{what}: {str(path)!r} could not be read with torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Save the weights as "
-            "a plain state dict (torch.save(model.state_dict())) or as .safetensors and pass that file"
-        ) from exc
+    from .safe_pickle import safe_torch_load  # weights_only; Lightning objects -> inert stand-ins
+
+    obj = safe_torch_load(path, what=what)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -44,10 +43,12 @@ from .discriminator import (
     adopt_weight,
     build_discriminator,
     calculate_adaptive_weight,
+    frozen,
     generator_adversarial_loss,
     hinge_d_loss,
     vanilla_d_loss,
 )
+from .vqgan_modules import nearest_code
 
 __all__ = [
     "CODEBOOK_REMEDIES",
@@ -117,7 +118,8 @@ def _check_latent(z_e: torch.Tensor, codebook: torch.Tensor, what: str) -> None:
 def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every latent vector (taming's quantizer maths).
 
-    Distances ``‖z‖² + ‖e‖² − 2 z·e`` in fp32; ``argmin`` takes the first index on ties.
+    Distances ``‖z‖² + ‖e‖² − 2 z·e`` in fp32; ``argmin`` takes the first index on ties. Uses
+    ``vqgan_modules.nearest_code``, so tokens match ``VQGAN.quantize`` exactly.
 
     Args:
         z_e: ``[b, d, h, w]`` encoder latents (after ``quant_conv``).
@@ -127,14 +129,9 @@ def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """
     _check_latent(z_e, codebook, "nearest_codes")
     b, _, h, w = z_e.shape
-    flat = rearrange(z_e.detach(), "b d h w -> (b h w) d").float()
-    cb = codebook.detach().float()
-    dist = (
-        flat.pow(2).sum(dim=1, keepdim=True)
-        + rearrange(cb.pow(2).sum(dim=1), "k -> 1 k")
-        - 2.0 * torch.einsum("nd,kd->nk", flat, cb)
-    )
-    return rearrange(dist.argmin(dim=1), "(b h w) -> b h w", b=b, h=h, w=w)
+    rows = rearrange(z_e.detach(), "b d h w -> (b h w) d")
+    tokens = nearest_code(rows, codebook.detach())  # the VQGAN quantizer's own function
+    return rearrange(tokens, "(b h w) -> b h w", b=b, h=h, w=w)
 
 
 def lookup_codes(tokens: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -383,22 +380,6 @@ class DeadCodeRestart(nn.Module):
         if ema is not None:
             ema.reset_codes(codebook, dead, vectors)
         return dead
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` with its parameters not requiring grad (restored afterwards): outputs still
-    carry gradient to their *inputs*, but a later backward leaves the parameters' ``.grad``
-    untouched. Used for the discriminator inside the generator step."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield module
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _finite_number(value, name: str) -> None:

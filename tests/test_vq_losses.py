@@ -1,0 +1,602 @@
+"""VQ-GAN training pieces: VQ / codebook losses, codebook remedies and metrics, GAN losses,
+PatchGAN discriminator, LPIPS. Expected values are hand-computed or come from a second,
+independent implementation written here."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from comfyui_sundae.sundae_lib.discriminator import (
+    NLayerDiscriminator,
+    adopt_weight,
+    build_discriminator,
+    calculate_adaptive_weight,
+    generator_adversarial_loss,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
+from comfyui_sundae.sundae_lib.lpips import LPIPS, make_perceptual_loss
+from comfyui_sundae.sundae_lib.vq_losses import (
+    CodebookEMA,
+    DeadCodeRestart,
+    VQGANLoss,
+    VQLossConfig,
+    codebook_commitment_loss,
+    codebook_usage,
+    lookup_codes,
+    nearest_codes,
+    perplexity,
+    reconstruction_loss,
+    straight_through,
+    vq_losses,
+)
+from comfyui_sundae.sundae_lib.vqgan import VQGAN, VQGANConfig
+from safetensors.torch import save_file
+
+# ---------------------------------------------------------------------------------------------
+# reconstruction and quantization
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reconstruction_loss_hand_values():
+    a = torch.tensor([0.0, 1.0, -1.0, 0.5]).reshape(1, 1, 2, 2)
+    b = torch.tensor([1.0, 1.0, 0.0, -0.5]).reshape(1, 1, 2, 2)
+    assert reconstruction_loss(a, b).item() == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert reconstruction_loss(a, b, kind="l2").item() == pytest.approx((1 + 0 + 1 + 1) / 4)
+    c = torch.tensor([2.0, 1.0, -1.0, 0.5]).reshape(1, 1, 2, 2)
+    assert reconstruction_loss(a, c, kind="l2").item() == pytest.approx(4 / 4)
+    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+        reconstruction_loss(a, b, kind="huber")
+    with pytest.raises(ValueError, match="shape"):
+        reconstruction_loss(a, b[..., :1])
+
+
+def _hand_example():
+    """z_e vectors (1, 0) and (0, 2) on a 1×2 grid; codes (0,0), (1,1), (0,3).
+    (1,0) is at squared distance 1 from both code 0 and code 1 (tie -> first index, 0);
+    (0,2) is nearest to code 2 (distance 1)."""
+    z_e = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 2).clone().requires_grad_(True)
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 3.0]], requires_grad=True)
+    return z_e, codebook
+
+
+def test_nearest_codes_tie_and_brute_force():
+    z_e, codebook = _hand_example()
+    assert nearest_codes(z_e, codebook).tolist() == [[[0, 2]]]
+    # brute force over random data
+    z = torch.randn(2, 4, 3, 5)
+    cb = torch.randn(7, 4)
+    tokens = nearest_codes(z, cb)
+    assert tokens.shape == (2, 3, 5) and tokens.dtype == torch.int64
+    for b in range(2):
+        for i in range(3):
+            for j in range(5):
+                d = [float(((z[b, :, i, j] - cb[k]) ** 2).sum()) for k in range(7)]
+                assert tokens[b, i, j].item() == min(range(7), key=lambda k: d[k])
+
+
+def test_beta_on_commitment_term_hand_computed():
+    """loss = ‖sg[z_e] − z_q‖² + β‖z_e − sg[z_q]‖² (means over the 4 elements). Residuals
+    z_q − z_e: (−1, 0) and (0, +1), so both terms are 2/4 = 0.5."""
+    beta = 0.25
+    z_e, codebook = _hand_example()
+    z_q_st, loss, tokens = vq_losses(z_e, codebook, beta)
+    assert tokens.tolist() == [[[0, 2]]]
+    assert loss.item() == pytest.approx(0.5 + beta * 0.5)
+    # forward value of the straight-through codes is the codes
+    assert torch.equal(z_q_st.detach(), torch.tensor([[0.0, 0.0], [0.0, 3.0]]).T.reshape(1, 2, 1, 2))
+    loss.backward()
+    # codebook gradient: codebook term only, 2(z_q − z_e)/4, weight 1 (not β)
+    assert torch.allclose(codebook.grad, torch.tensor([[-0.5, 0.0], [0.0, 0.0], [0.0, 0.5]]))
+    # encoder gradient: commitment term only, β·2(z_e − z_q)/4
+    expected_ze = torch.tensor([[0.125, 0.0], [0.0, -0.125]]).T.reshape(1, 2, 1, 2)
+    assert torch.allclose(z_e.grad, expected_ze)
+    # taming's legacy placement would give codebook grads × β and encoder grads × 1/β here
+    assert not torch.allclose(codebook.grad, beta * torch.tensor([[-0.5, 0.0], [0.0, 0.0], [0.0, 0.5]]))
+
+
+def test_codebook_and_commitment_terms_separately():
+    z_e, codebook = _hand_example()
+    z_q = lookup_codes(nearest_codes(z_e, codebook), codebook)
+    total, cb_term, commit = codebook_commitment_loss(z_e, z_q, beta=0.5)
+    cb_term.backward(retain_graph=True)
+    assert z_e.grad is None and codebook.grad is not None  # codebook term moves codes only
+    codebook.grad = None
+    commit.backward()
+    assert codebook.grad is None and z_e.grad is not None  # commitment moves the encoder only
+    # EMA codebooks: no codebook-term gradient at all
+    z_e2, codebook2 = _hand_example()
+    _, loss, _ = vq_losses(z_e2, codebook2, 0.25, codebook_term=False)
+    loss.backward()
+    assert codebook2.grad is None
+    assert loss.item() == pytest.approx(0.25 * 0.5)
+
+
+def test_straight_through_passes_decoder_gradient_to_encoder():
+    z_e, codebook = _hand_example()
+    z_q_st, _, _ = vq_losses(z_e, codebook, 0.25)
+    weight = torch.tensor([3.0, -2.0, 5.0, 7.0]).reshape(1, 2, 1, 2)
+    (z_q_st * weight).sum().backward()  # a linear "decoder"
+    assert torch.equal(z_e.grad, weight)  # identity Jacobian through the estimator
+    assert codebook.grad is None  # the straight-through path never reaches the codebook
+    x = torch.randn(3, requires_grad=True)
+    y = straight_through(x, torch.zeros(3))
+    assert torch.equal(y, torch.zeros(3))
+    y.pow(2).sum().backward()  # d/dy y² at y = 0 is 0, passed through unchanged
+    assert torch.equal(x.grad, torch.zeros(3))
+
+
+def test_vq_losses_shapes_and_dtype():
+    z = torch.randn(2, 8, 4, 6, requires_grad=True)
+    cb = torch.randn(32, 8, requires_grad=True)
+    z_q, loss, tokens = vq_losses(z, cb, 0.25)
+    assert z_q.shape == z.shape and loss.shape == () and tokens.shape == (2, 4, 6)
+    assert tokens.dtype == torch.int64 and 0 <= int(tokens.min()) and int(tokens.max()) < 32
+    with pytest.raises(ValueError, match="embed_dim"):
+        vq_losses(torch.randn(2, 4, 4, 6), cb, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_usage_and_perplexity_on_known_histograms():
+    uniform = torch.arange(8).repeat(5).reshape(2, 4, 5)
+    assert perplexity(uniform, 8).item() == pytest.approx(8.0, rel=1e-5)
+    assert codebook_usage(uniform, 8).item() == pytest.approx(1.0)
+    single = torch.full((2, 3, 3), 5)
+    assert perplexity(single, 8).item() == pytest.approx(1.0)
+    assert codebook_usage(single, 8).item() == pytest.approx(1 / 8)
+    # counts (2, 1, 1, 0): p = (1/2, 1/4, 1/4) -> entropy 1.5 bits -> perplexity 2^1.5
+    mixed = torch.tensor([[[0, 0, 1, 2]]])
+    assert perplexity(mixed, 4).item() == pytest.approx(2**1.5, rel=1e-5)
+    assert codebook_usage(mixed, 4).item() == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="0..3"):
+        codebook_usage(torch.tensor([[[4]]]), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook remedies
+# ---------------------------------------------------------------------------------------------
+
+
+def _collapsed_batch():
+    """16 codes; every latent sits near codes 0 or 1; codes 2..15 are far away (unused)."""
+    codebook = torch.cat([torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.full((14, 2), 100.0)])
+    z_e = torch.randn(2, 2, 4, 4) * 0.5
+    return codebook, z_e
+
+
+def test_dead_codes_are_restarted_from_batch_encodings():
+    codebook, z_e = _collapsed_batch()
+    tokens = nearest_codes(z_e, codebook)
+    used_before = codebook_usage(tokens, 16).item()
+    assert used_before <= 2 / 16
+    restart = DeadCodeRestart(16, decay=0.0, threshold=0.01).train()
+    dead = restart.update(codebook, z_e, tokens, generator=torch.Generator().manual_seed(3))
+    unused = sorted(set(range(16)) - set(tokens.unique().tolist()))
+    assert sorted(dead.tolist()) == unused
+    rows = z_e.permute(0, 2, 3, 1).reshape(-1, 2)  # independent flattening
+    for k in unused:
+        matches = (rows == codebook[k]).all(dim=1)
+        assert matches.any(), f"code {k} is not a batch encoding"
+    revived = codebook[unused]
+    assert torch.unique(revived, dim=0).shape[0] == len(unused)  # distinct vectors (no replacement)
+    after = codebook_usage(nearest_codes(z_e, codebook), 16).item()
+    assert after > used_before + 0.5
+    assert torch.all(restart.usage[unused] == 1.0)
+    # same generator seed -> same restart
+    codebook2, _ = _collapsed_batch()
+    DeadCodeRestart(16, decay=0.0).update(codebook2, z_e, tokens, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(codebook, codebook2)
+
+
+def test_restart_grace_period_and_eval_noop():
+    codebook, z_e = _collapsed_batch()
+    tokens = nearest_codes(z_e, codebook)
+    restart = DeadCodeRestart(16, decay=0.99, threshold=0.01)
+    # log(0.01)/log(0.99) = 458.2: unused codes survive 458 updates and die on the 459th
+    for _ in range(458):
+        assert restart.update(codebook.clone(), z_e, tokens).numel() == 0
+    assert restart.update(codebook.clone(), z_e, tokens).numel() == 14
+    restart.eval()
+    frozen = DeadCodeRestart(16, decay=0.0).eval()
+    before = codebook.clone()
+    assert frozen.update(codebook, z_e, tokens).numel() == 0 and torch.equal(codebook, before)
+
+
+def test_ema_update_matches_hand_formula_and_moves_toward_means():
+    codebook = torch.tensor([[0.0, 0.0], [4.0, 4.0], [9.0, 9.0]])
+    # two vectors assigned to code 0, one to code 1, none to code 2
+    z_e = torch.tensor([[1.0, 1.0], [3.0, 1.0], [5.0, 5.0]]).T.reshape(1, 2, 1, 3)
+    tokens = torch.tensor([[[0, 0, 1]]])
+    ema = CodebookEMA(3, 2, decay=0.5, eps=1e-5)
+    old = codebook.clone()
+    ema.update(codebook, z_e, tokens)
+    # by hand: sizes 0.5·1 + 0.5·(2, 1, 0) = (1.5, 1.0, 0.5); n = 3
+    sizes = torch.tensor([1.5, 1.0, 0.5])
+    sums = torch.tensor([[4.0, 2.0], [5.0, 5.0], [0.0, 0.0]])
+    avg = 0.5 * old + 0.5 * sums
+    smoothed = (sizes + 1e-5) / (3 + 3 * 1e-5) * 3
+    assert torch.allclose(codebook, avg / smoothed[:, None], atol=1e-6)
+    means = torch.tensor([[2.0, 1.0], [5.0, 5.0]])
+    assert torch.all((codebook[:2] - means).norm(dim=1) < (old[:2] - means).norm(dim=1))
+    # an unused code keeps its place (up to the Laplace smoothing)
+    assert torch.allclose(codebook[2], old[2], atol=1e-3)
+
+
+def test_ema_is_online_kmeans_and_eval_is_noop():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 3.0]])
+    codebook = centres + torch.tensor([[0.8, 0.5], [-0.6, 0.7], [0.5, -0.9]])
+    ema = CodebookEMA(3, 2, decay=0.8)
+    for _ in range(60):
+        pts = centres[torch.randint(0, 3, (64,), generator=gen)] + 0.1 * torch.randn(64, 2, generator=gen)
+        z_e = pts.T.reshape(1, 2, 8, 8)
+        ema.update(codebook, z_e, nearest_codes(z_e, codebook))
+    assert torch.allclose(codebook, centres, atol=0.06)
+    ema.eval()
+    before = codebook.clone()
+    ema.update(codebook, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    assert torch.equal(codebook, before)
+
+
+def test_restart_keeps_ema_statistics_consistent():
+    codebook, z_e = _collapsed_batch()
+    ema = CodebookEMA(16, 2, decay=0.9)
+    tokens = nearest_codes(z_e, codebook)
+    ema.update(codebook, z_e, tokens)
+    dead = DeadCodeRestart(16, decay=0.0).update(codebook, z_e, tokens, ema=ema)
+    assert dead.numel() == 14
+    revived = codebook[dead].clone()
+    ema.update(codebook, z_e, nearest_codes(z_e, codebook))  # revived codes stay near their vectors
+    assert (codebook[dead] - revived).abs().max() < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# GAN losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gan_losses_hand_values():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.5])
+    # relu(1 - real) = (0, 0.5, 2); relu(1 + fake) = (0, 1, 2.5)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 3.5 / 3))
+
+    def sp(v):
+        return math.log1p(math.exp(v))
+
+    expected = 0.5 * (sum(sp(-r) for r in (2.0, 0.5, -1.0)) / 3 + sum(sp(f) for f in (-2.0, 0.0, 1.5)) / 3)
+    assert vanilla_d_loss(real, fake).item() == pytest.approx(expected, rel=1e-6)
+    assert generator_adversarial_loss(fake).item() == pytest.approx(0.5 / 3)
+    assert adopt_weight(1.0, 99, threshold=100) == 0.0
+    assert adopt_weight(1.0, 100, threshold=100) == 1.0
+    assert adopt_weight(0.7, 5, threshold=10, value=0.1) == 0.1
+
+
+def test_adaptive_weight_hand_computed():
+    last = torch.nn.Parameter(torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]]))
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [0.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
+    a = torch.tensor([[1.0, 0.0], [2.0, -1.0], [0.5, 0.5], [0.0, 3.0]])
+    b = torch.tensor([[0.1, 0.2], [0.0, -0.3], [0.4, 0.0], [0.2, 0.1]])
+    out = x @ last.T
+    nll, g = (out * a).sum(), (out * b).sum()
+    # d/dW Σ a ⊙ (x Wᵀ) = aᵀ x
+    expected = torch.linalg.norm(a.T @ x) / (torch.linalg.norm(b.T @ x) + 1e-4) * 0.5
+    w = calculate_adaptive_weight(nll, g, last, 0.5)
+    assert w.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not w.requires_grad
+    # a generator loss without gradient at the last layer clamps at 1e4
+    w_big = calculate_adaptive_weight(nll, (out * 0.0).sum(), last, 1.0)
+    assert w_big.item() == pytest.approx(1e4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the combined loss on the real VQ-GAN
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_vqgan():
+    return VQGAN(VQGANConfig.preset("tiny"))
+
+
+def test_vq_losses_agree_with_vqgan_quantizer():
+    vqgan = _tiny_vqgan()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = vqgan(x)
+    codebook = vqgan.quantize.embedding.weight
+    z_q_st, loss, tokens = vq_losses(out.latent, codebook, 0.25)
+    assert torch.equal(tokens, out.tokens)
+    assert torch.equal(tokens, vqgan.quantize(out.latent)[1])
+    assert torch.allclose(z_q_st, out.quantized, atol=1e-5)  # z_e + (z_q − z_e) rounds
+    ref, _, _ = codebook_commitment_loss(out.latent, out.quantized, beta=0.25)
+    assert loss.item() == pytest.approx(ref.item())
+
+
+def _loss_and_batch(**overrides):
+    torch.manual_seed(0)
+    vqgan = _tiny_vqgan()
+    cfg = VQLossConfig(**{"disc_start": 0, "disc_ndf": 8, "disc_num_layers": 2, **overrides})
+    loss_mod = VQGANLoss(cfg, n_embed=32, embed_dim=8)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    return vqgan, loss_mod, x
+
+
+def test_generator_step_gives_no_grads_to_discriminator():
+    vqgan, loss_mod, x = _loss_and_batch()
+    z_q, q_loss, _ = loss_mod.quantize(vqgan.encode_to_latent(x), vqgan.quantize.embedding.weight)
+    recon = vqgan.decode_codes(z_q)
+    loss, log = loss_mod.generator_step(x, recon, q_loss, 5, last_layer=vqgan.last_layer)
+    loss.backward()
+    assert all(p.grad is None for p in loss_mod.discriminator.parameters())
+    assert all(p.requires_grad for p in loss_mod.discriminator.parameters())  # restored
+    assert vqgan.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert vqgan.quantize.embedding.weight.grad.abs().sum() > 0
+    assert log["train/g_loss"].item() != 0.0 and log["train/disc_factor"].item() == 1.0
+
+
+def test_generator_step_total_and_adaptive_weight_by_hand():
+    vqgan, loss_mod, x = _loss_and_batch(perceptual_weight=0.0, codebook_weight=0.7, disc_weight=0.3)
+    z_q, q_loss, _ = loss_mod.quantize(vqgan.encode_to_latent(x), vqgan.quantize.embedding.weight)
+    recon = vqgan.decode_codes(z_q)
+    loss, log = loss_mod.generator_step(x, recon, q_loss, 5, last_layer=vqgan.last_layer)
+    # independent recomputation
+    nll = (x - recon).abs().mean()
+    g = -loss_mod.discriminator(recon).mean()
+    gn = torch.autograd.grad(nll, vqgan.last_layer, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, vqgan.last_layer, retain_graph=True)[0].norm()
+    d_weight = (gn / (gg + 1e-4)).clamp(0, 1e4) * 0.3
+    assert log["train/d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-4)
+    expected = nll + d_weight * g + 0.7 * q_loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="last_layer"):
+        loss_mod.generator_step(x, recon, q_loss, 5)
+
+
+def test_discriminator_step_gives_no_grads_to_generator():
+    vqgan, loss_mod, x = _loss_and_batch()
+    recon = vqgan(x).recon
+    d_loss, log = loss_mod.discriminator_step(x, recon, 5)
+    d_loss.backward()
+    assert all(p.grad is None for p in vqgan.parameters())
+    assert sum(p.grad.abs().sum() for p in loss_mod.discriminator.parameters()) > 0
+    assert set(log) == {"train/disc_loss", "train/logits_real", "train/logits_fake"}
+
+
+def test_before_disc_start_gan_term_is_off():
+    vqgan, loss_mod, x = _loss_and_batch(disc_start=100)
+    calls = []
+    loss_mod.discriminator.register_forward_hook(lambda *a: calls.append(1))
+    z_q, q_loss, _ = loss_mod.quantize(vqgan.encode_to_latent(x), vqgan.quantize.embedding.weight)
+    recon = vqgan.decode_codes(z_q)
+    loss, log = loss_mod.generator_step(x, recon, q_loss, 99, last_layer=vqgan.last_layer)
+    assert calls == [] and log["train/g_loss"].item() == 0.0 and log["train/disc_factor"].item() == 0.0
+    assert loss.item() == pytest.approx(((x - recon).abs().mean() + q_loss).item(), rel=1e-6)
+    d_loss, _ = loss_mod.discriminator_step(x, recon, 99)
+    assert d_loss.item() == 0.0
+
+
+def test_codebook_step_ema_restart_and_training_state_round_trip():
+    vqgan, loss_mod, x = _loss_and_batch(codebook_remedy="ema+restart", restart_decay=0.0)
+    codebook = vqgan.quantize.embedding.weight
+    z_e = vqgan.encode_to_latent(x)
+    _, q_loss, tokens = loss_mod.quantize(z_e, codebook)
+    q_loss.backward()  # EMA codebook: the VQ loss is β·commitment only
+    assert codebook.grad is None and q_loss.requires_grad
+    log = loss_mod.codebook_step(codebook, z_e.detach(), tokens, generator=torch.Generator().manual_seed(0))
+    unused = 32 - len(tokens.unique())
+    assert log["train/codes_restarted"].item() == unused
+    usage_after = codebook_usage(nearest_codes(z_e, codebook), 32).item()
+    assert usage_after > log["train/codebook_usage"].item()
+    state = loss_mod.training_state()
+    assert any(k.startswith("ema.") for k in state) and any(k.startswith("restart.") for k in state)
+    assert any(k.startswith("discriminator.main.") for k in state)
+    fresh = VQGANLoss(loss_mod.config, n_embed=32, embed_dim=8)
+    fresh.load_training_state(state)
+    assert all(torch.equal(state[k], v) for k, v in fresh.training_state().items())
+    with pytest.raises(ValueError, match="unexpected keys"):
+        VQGANLoss(VQLossConfig(disc_ndf=8, disc_num_layers=2)).load_training_state(state)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="disc_loss"):
+        VQLossConfig(disc_loss="wasserstein")
+    with pytest.raises(ValueError, match="codebook_remedy"):
+        VQLossConfig(codebook_remedy="kmeans")
+    with pytest.raises(ValueError, match="beta"):
+        VQLossConfig(beta=-1.0)
+    with pytest.raises(ValueError, match="disc_start"):
+        VQLossConfig(disc_start=1.5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        VQLossConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="valid keys"):
+        VQLossConfig.from_dict({"disc_weigth": 0.5})
+    assert VQLossConfig.from_dict({"disc_weight": 0.5}).disc_weight == 0.5
+    with pytest.raises(ValueError, match="n_embed"):
+        VQGANLoss(VQLossConfig(codebook_remedy="restart"))
+
+
+# ---------------------------------------------------------------------------------------------
+# discriminator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_discriminator_taming_key_layout_and_init():
+    disc = build_discriminator(3, 64, 3)
+    shapes = {k: tuple(v.shape) for k, v in disc.state_dict().items()}
+    expected = {
+        "main.0.weight": (64, 3, 4, 4),
+        "main.0.bias": (64,),
+        "main.2.weight": (128, 64, 4, 4),
+        "main.5.weight": (256, 128, 4, 4),
+        "main.8.weight": (512, 256, 4, 4),
+        "main.11.weight": (1, 512, 4, 4),
+        "main.11.bias": (1,),
+    }
+    for i, c in ((3, 128), (6, 256), (9, 512)):
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            expected[f"main.{i}.{leaf}"] = (c,)
+        expected[f"main.{i}.num_batches_tracked"] = ()
+    assert shapes == expected
+    w = disc.main[8].weight
+    assert abs(w.mean().item()) < 2e-3 and w.std().item() == pytest.approx(0.02, rel=0.05)
+    bn = disc.main[9]
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=5e-3)
+    assert bn.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.all(bn.bias == 0)
+
+
+def test_discriminator_output_shapes_rgb_and_gray():
+    assert build_discriminator(3, 8, 3)(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    gray = NLayerDiscriminator(input_nc=1, ndf=8, n_layers=3)
+    assert gray(torch.randn(2, 1, 32, 32)).shape == (2, 1, 2, 2)
+    assert gray(torch.randn(1, 1, 28, 28)).shape == (1, 1, 1, 1)
+    with pytest.raises(ValueError, match="input_nc=3"):
+        gray(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="too small"):
+        gray(torch.randn(1, 1, 16, 16))
+
+
+def test_discriminator_actnorm_variant():
+    disc = build_discriminator(3, 8, 2, use_actnorm=True).train()
+    keys = set(disc.state_dict())
+    assert {"main.2.bias", "main.3.loc", "main.3.scale", "main.3.initialized"} <= keys
+    assert not any("running_mean" in k for k in keys)
+    x = torch.randn(4, 3, 32, 32)
+    feats = disc.main[:4](x)  # conv, lrelu, conv, actnorm: initialised on this batch
+    assert feats.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(feats.std(dim=(0, 2, 3)), torch.ones(16), atol=1e-3)
+    assert disc.main[3].initialized.item() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lpips_model():
+    torch.manual_seed(1)
+    model = LPIPS()
+    for k in range(5):  # non-uniform, non-negative heads like the learned ones
+        torch.nn.init.uniform_(getattr(model, f"lin{k}").model[1].weight, 0.0, 1.0)
+    return model
+
+
+def _reference_lpips(sd, x0, x1):
+    """Second implementation straight from a taming-layout state dict (functional ops only)."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).reshape(1, 3, 1, 1)
+    convs = sorted(
+        (int(k.split(".")[2]), k.rsplit(".", 1)[0]) for k in sd if k.startswith("net.") and k.endswith("weight")
+    )
+    pools = {4, 9, 16, 23}
+    taps = {3, 8, 15, 22, 29}  # relu1_2 … relu5_3 in torchvision numbering
+    out = 0.0
+    hs = [(x - shift) / scale for x in (x0, x1)]
+    feats = [[], []]
+    for idx, name in convs:
+        for side in range(2):
+            h = hs[side]
+            if idx - 1 in pools:
+                h = F.max_pool2d(h, 2)
+            h = F.relu(F.conv2d(h, sd[f"{name}.weight"], sd[f"{name}.bias"], padding=1))
+            hs[side] = h
+            if idx + 1 in taps:
+                feats[side].append(h)
+    for k, (f0, f1) in enumerate(zip(*feats, strict=True)):
+        n0 = f0 / (f0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        n1 = f1 / (f1.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = sd[f"lin{k}.model.1.weight"]
+        out = out + ((n0 - n1) ** 2 * w.reshape(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+    return out
+
+
+def test_lpips_matches_independent_implementation(lpips_model):
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    x1 = (x0 + 0.3 * torch.randn_like(x0)).clamp(-1, 1)
+    ours = lpips_model(x0, x1)
+    ref = _reference_lpips(lpips_model.state_dict(), x0, x1)
+    assert ours.shape == (2,)
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_lpips_zero_for_identical_and_grows_with_noise(lpips_model):
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise = torch.randn_like(x)
+    assert torch.all(lpips_model(x, x).abs() < 1e-6)
+    values = [lpips_model(x, x + s * noise).mean().item() for s in (0.05, 0.2, 0.6)]
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_lpips_frozen_but_input_gradient_flows_and_gray(lpips_model):
+    x = (torch.rand(1, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    lpips_model(x, torch.zeros(1, 3, 16, 16)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in lpips_model.parameters())
+    lpips_model.train()
+    assert not lpips_model.training
+    g0, g1 = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    gray = lpips_model(g0, g1)
+    rgb = lpips_model(g0.repeat(1, 3, 1, 1), g1.repeat(1, 3, 1, 1))
+    assert torch.allclose(gray, rgb)
+    loss = VQGANLoss(VQLossConfig(disc_ndf=8, disc_num_layers=2), perceptual=lpips_model).train()
+    assert loss.discriminator.training and not lpips_model.training
+
+
+def test_lpips_from_file_round_trips(lpips_model, tmp_path):
+    sd = lpips_model.state_dict()
+    x0, x1 = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    want = lpips_model(x0, x1)
+    # a taming training checkpoint: prefixed LPIPS keys among the model's other keys
+    ckpt = {f"loss.perceptual_loss.{k}": v for k, v in sd.items()}
+    ckpt["encoder.conv_in.weight"] = torch.zeros(2, 3, 3, 3)
+    ckpt["loss.discriminator.main.0.weight"] = torch.zeros(2, 3, 4, 4)
+    torch.save({"state_dict": ckpt, "global_step": 7}, tmp_path / "last.ckpt")
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(tmp_path / "prefixed.safetensors"))
+    torch.save(dict(sd), tmp_path / "plain.pth")
+    for name in ("last.ckpt", "prefixed.safetensors", "plain.pth"):
+        assert torch.allclose(LPIPS.from_file(tmp_path / name)(x0, x1), want), name
+    # linear heads alone (taming's vgg.pth) + a torchvision VGG16 state dict
+    lin = {k: v for k, v in sd.items() if k.startswith("lin")}
+    torch.save(lin, tmp_path / "vgg.pth")
+    tv = {}
+    for k, v in sd.items():
+        if k.startswith("net."):
+            _, _, idx, leaf = k.split(".")
+            tv[f"features.{idx}.{leaf}"] = v
+    tv["classifier.0.weight"] = torch.zeros(4, 4)
+    torch.save(tv, tmp_path / "vgg16.pth")
+    loaded = LPIPS.from_file(tmp_path / "vgg.pth", vgg=tmp_path / "vgg16.pth")
+    assert torch.allclose(loaded(x0, x1), want)
+    with pytest.raises(ValueError, match="vgg="):
+        LPIPS.from_file(tmp_path / "vgg.pth")
+    bad = dict(sd)
+    bad.pop("lin3.model.1.weight")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="lin3.model.1.weight"):
+        LPIPS.from_file(tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError):
+        LPIPS.from_file(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="hf://owner/repo"):
+        LPIPS.from_file("hf://owner-only")
+    with pytest.raises(ValueError, match="not a file"):
+        LPIPS.from_file("hf://owner/repo")
+
+
+def test_make_perceptual_loss_warns_once_when_absent(lpips_model, tmp_path, caplog):
+    log = logging.getLogger("test-trainer")
+    with caplog.at_level(logging.WARNING, logger="test-trainer"):
+        assert make_perceptual_loss(None, log) is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "perceptual" in warnings[0].getMessage()
+    torch.save(dict(lpips_model.state_dict()), tmp_path / "lpips.pth")
+    caplog.clear()
+    model = make_perceptual_loss(str(tmp_path / "lpips.pth"), log)
+    assert isinstance(model, LPIPS) and not any(r.levelno >= logging.WARNING for r in caplog.records)
