@@ -306,7 +306,8 @@ class Hourglass(nn.Module):
         x = self.pre(x)
         # pad bottom/right with zero features to a multiple of s; padding is masked out of
         # the resampling attention and cropped off before the post blocks
-        fine = F.pad(x, (0, 0, 0, (-w) % s, 0, (-h) % s))
+        pad_h, pad_w = (-h) % s, (-w) % s
+        fine = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
         coarse = self.down(rearrange(fine, "b (hc s1) (wc s2) d -> b hc wc (d s1 s2)", s1=s, s2=s))
         if self.resample_down is not None:
             coarse = self.resample_down(coarse, fine, (h, w))

@@ -28,6 +28,16 @@ from einops import rearrange
 TWO_LEVELS = (1, (1, 1, 1), 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    thread barriers cost more than the maths; restored for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**overrides) -> SundaePrior:
     return SundaePrior(PriorConfig.preset("tiny", **overrides)).eval()
 
