@@ -1,0 +1,229 @@
+"""diffusers ``VQModel`` <-> taming: key conversion, ``config.json`` checks and config mapping
+(checkpoint-formats.md §5, §6). Used by ``vqgan_loading.load_vqgan``.
+
+Key mapping: encoder ``down_blocks.i`` -> ``down.i``; decoder ``up_blocks.i`` -> ``up.{L-1-i}``
+(diffusers lists decoder blocks in execution order, taming by level); ``resnets`` -> ``block``,
+``attentions`` -> ``attn``, ``mid_block.{resnets.0, attentions.0, resnets.1}`` ->
+``mid.{block_1, attn_1, block_2}``, ``conv_norm_out`` -> ``norm_out``, ``conv_shortcut`` ->
+``nin_shortcut``; attention ``group_norm``/``to_q``/``to_k``/``to_v``/``to_out.0`` (or the older
+``query``/``key``/``value``/``proj_attn``) -> ``norm``/``q``/``k``/``v``/``proj_out`` with Linear
+``[C, C]`` weights reshaped to 1x1 convs ``[C, C, 1, 1]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NOMINAL_RESOLUTION = 256  # taming's usual ddconfig.resolution; only its ratio to attention matters
+
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+
+_DIFFUSERS_ATTN = {
+    "group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k",
+    "to_v": "v", "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out",
+}  # fmt: skip
+_DIFFUSERS_BLOCK_RE = re.compile(
+    r"^(?P<part>encoder|decoder)\.(?:(?P<side>down_blocks|up_blocks)\.(?P<i>\d+)\.)?"
+    r"(?P<kind>resnets|attentions|downsamplers|upsamplers|mid_block\.resnets|mid_block\.attentions)"
+    r"\.(?P<j>\d+)\.(?P<rest>.+)$"
+)
+_DIFFUSERS_PLAIN = {"conv_in", "conv_out", "conv_norm_out"}
+
+
+def diffusers_to_taming(sd: Mapping[str, torch.Tensor], *, origin: str = "state dict") -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``VQModel`` state dict to taming keys (checkpoint-formats.md §5):
+    decoder ``up_blocks.i`` -> ``up.{L-1-i}``, ``conv_shortcut`` -> ``nin_shortcut``, attention
+    ``to_q``/``query`` ... -> ``q`` ... with Linear ``[C, C]`` weights -> 1x1 conv ``[C, C, 1, 1]``.
+    Unknown keys raise ``ValueError`` naming them."""
+    num_up = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in sd.items():
+        new = _convert_diffusers_key(key, num_up)
+        if new is None:
+            unknown.append(key)
+            continue
+        if new.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")) and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    if unknown:
+        raise ValueError(
+            f"load_vqgan: {origin}: diffusers keys with no taming equivalent: {sorted(unknown)[:10]}; "
+            "this is not a plain diffusers VQModel"
+        )
+    return out
+
+
+def _convert_diffusers_key(key: str, num_up: int) -> str | None:
+    if not key.startswith(("encoder.", "decoder.")):
+        return key  # quant_conv, post_quant_conv, quantize.embedding.weight are unchanged
+    part, _, rest = key.partition(".")
+    head = rest.split(".", 1)[0]
+    if head in _DIFFUSERS_PLAIN:
+        return f"{part}.{rest.replace('conv_norm_out', 'norm_out', 1)}"
+    m = _DIFFUSERS_BLOCK_RE.match(key)
+    if m is None:
+        return None
+    kind, j, tail = m["kind"], int(m["j"]), m["rest"]
+    if m["side"] is None:  # mid block
+        if kind == "mid_block.resnets" and j in (0, 1):
+            return _resnet_tail(f"{part}.mid.block_{j + 1}", tail)
+        if kind == "mid_block.attentions" and j == 0:
+            return _attn_tail(f"{part}.mid.attn_1", tail)
+        return None
+    i = int(m["i"])
+    if (part, m["side"]) == ("encoder", "down_blocks"):
+        base, resample = f"encoder.down.{i}", ("downsamplers", "downsample")
+    elif (part, m["side"]) == ("decoder", "up_blocks") and i < num_up:
+        base, resample = f"decoder.up.{num_up - 1 - i}", ("upsamplers", "upsample")
+    else:
+        return None
+    if kind == "resnets":
+        return _resnet_tail(f"{base}.block.{j}", tail)
+    if kind == "attentions":
+        return _attn_tail(f"{base}.attn.{j}", tail)
+    if kind == resample[0] and j == 0 and tail.startswith("conv."):
+        return f"{base}.{resample[1]}.{tail}"
+    return None
+
+
+def _resnet_tail(base: str, tail: str) -> str | None:
+    name, _, param = tail.rpartition(".")
+    name = {"conv_shortcut": "nin_shortcut"}.get(name, name)
+    if name not in {"norm1", "conv1", "norm2", "conv2", "nin_shortcut"}:
+        return None
+    return f"{base}.{name}.{param}"
+
+
+def _attn_tail(base: str, tail: str) -> str | None:
+    name, _, param = tail.rpartition(".")
+    new = _DIFFUSERS_ATTN.get(name)
+    return None if new is None else f"{base}.{new}.{param}"
+
+
+_DOWN_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
+_UP_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+
+
+def check_diffusers_config(data: Any, cfg_path: Path) -> None:
+    """Refuse everything but a taming-compatible ``VQModel`` config, naming what it is."""
+    where = f"load_vqgan: {str(cfg_path)!r}"
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} is not a JSON object; expected a diffusers VQModel config.json")
+    cls = data.get("_class_name")
+    if cls != "VQModel":
+        why = {
+            "AutoencoderKL": "a KL autoencoder (continuous latents), not a VQ codec",
+            "PaellaVQModel": "Würstchen's Paella VQ, a different architecture",
+        }.get(str(cls), "not a diffusers VQModel")
+        raise ValueError(f"{where}: _class_name is {cls!r}: {why}; load_vqgan reads VQModel folders only")
+    if data.get("norm_type", "group") != "group":
+        raise ValueError(
+            f"{where}: norm_type is {data.get('norm_type')!r}: this is a MoVQ model (spatially "
+            "conditioned norms, e.g. Kandinsky's movq), not a taming-style VQ-GAN; it cannot be loaded"
+        )
+    if data.get("act_fn", "silu") != "silu":
+        raise ValueError(f"{where}: act_fn is {data.get('act_fn')!r}; only 'silu' (taming's swish) is compatible")
+    for key, allowed in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
+        bad = [t for t in data.get(key, []) if t not in allowed]
+        if bad:
+            raise ValueError(f"{where}: {key} contains {bad}; only {sorted(allowed)} are taming-compatible")
+
+
+def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dict[str, Any]:
+    where = f"load_vqgan: {str(cfg_path)!r}"
+    boc = [int(c) for c in data.get("block_out_channels", (64,))]
+    down = list(data.get("down_block_types", ["DownEncoderBlock2D"]))
+    up = list(data.get("up_block_types", ["UpDecoderBlock2D"]))
+    if not (len(boc) == len(down) == len(up)):
+        raise ValueError(f"{where}: block_out_channels {boc}, down_block_types and up_block_types must have equal lengths")
+    ch = boc[0]
+    if any(c % ch for c in boc):
+        raise ValueError(
+            f"{where}: block_out_channels {boc} are not all multiples of block_out_channels[0]={ch}; "
+            "a taming VQ-GAN has widths ch*ch_mult with ch = block_out_channels[0] (ch_mult[0] = 1), "
+            "so this model cannot be represented"
+        )
+    enc_attn = [i for i, t in enumerate(down) if _DOWN_TYPES[t]]
+    dec_attn = sorted(len(up) - 1 - i for i, t in enumerate(up) if _UP_TYPES[t])
+    if enc_attn != dec_attn:
+        raise ValueError(
+            f"{where}: attention levels differ between down_block_types (levels {enc_attn}) and the "
+            f"reversed up_block_types (levels {dec_attn}); VQGANConfig needs the same levels on both sides"
+        )
+    z = int(data.get("latent_channels", 3))
+    resolution = max(NOMINAL_RESOLUTION, 2 ** (len(boc) - 1))
+    pixel_range = "0,1" if data.get("lookup_from_codebook") and data.get("force_upcast") else "-1,1"
+    if pixel_range == "0,1":
+        logger.info("load_vqgan: %s looks like aMUSEd's VQ (lookup_from_codebook + force_upcast): pixel range 0..1", cfg_path)
+    return dict(
+        ch=ch,
+        ch_mult=tuple(c // ch for c in boc),
+        num_res_blocks=int(data.get("layers_per_block", 1)),
+        attn_resolutions=tuple(resolution // 2**i for i in enc_attn),
+        resolution=resolution,
+        z_channels=z,
+        in_channels=int(data.get("in_channels", 3)),
+        out_ch=int(data.get("out_channels", 3)),
+        dropout=0.0,
+        double_z=False,
+        embed_dim=int(data.get("vq_embed_dim") or z),
+        n_embed=int(data.get("num_vq_embeddings", 256)),
+        norm_groups=int(data.get("norm_num_groups", 32)),
+        mid_attention=bool(data.get("mid_block_add_attention", True)),
+        resamp_with_conv=True,
+        pixel_range=pixel_range,
+        quantizer="vq",
+        remap_used=0,
+    )
+
+
+JSON_NAMES = {
+    "ch": "block_out_channels[0]", "ch_mult": "block_out_channels", "num_res_blocks": "layers_per_block",
+    "attn_resolutions": "down_block_types/up_block_types", "z_channels": "latent_channels",
+    "in_channels": "in_channels", "out_ch": "out_channels", "embed_dim": "vq_embed_dim",
+    "n_embed": "num_vq_embeddings", "mid_attention": "mid_block_add_attention",
+}  # fmt: skip
+
+
+def find_vqmodel_folder(folder: Path) -> Path:
+    """The folder holding the VQModel's config.json: ``folder`` or a pipeline's ``vqvae/``."""
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "vqvae" / "config.json").is_file():
+        return folder / "vqvae"
+    if (folder / "movq").is_dir():
+        raise ValueError(
+            f"load_vqgan: {str(folder)!r} is a pipeline whose image codec is MoVQ (movq/, Kandinsky): "
+            "not a taming-style VQ-GAN; it cannot be loaded"
+        )
+    if any(folder.glob("*.msgpack")):
+        raise ValueError(flax_message(next(iter(folder.glob("*.msgpack")))))
+    listing = sorted(p.name for p in folder.iterdir())[:12]
+    raise ValueError(
+        f"load_vqgan: the folder {str(folder)!r} has no config.json (nor vqvae/config.json), so it is "
+        f"not a diffusers VQModel folder (it holds {listing}); pass a weights file directly to infer "
+        "the config from tensor shapes, or the folder that holds config.json"
+    )
+
+
+
+
+def flax_message(path: Path) -> str:
+    return (
+        f"load_vqgan: {str(path)!r} is a Flax msgpack checkpoint (e.g. dalle-mini's VQGAN), not a "
+        "PyTorch format; convert it to PyTorch first (e.g. a diffusers/taming port) and load that"
+    )

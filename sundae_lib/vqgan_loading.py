@@ -1,0 +1,594 @@
+"""``load_vqgan``: read VQ-GANs from every format we know into our native taming-layout ``VQGAN``.
+
+Sources (checkpoint-formats.md; detection order §1):
+
+1. a native ``.safetensors`` (metadata ``sundae.model_type``) -> ``load_vqgan_native``;
+2. a folder (or ``hf://owner/repo[/subfolder]``) with a diffusers ``config.json``: ``VQModel`` only
+   (``norm_type: group``, ``act_fn: silu``); a pipeline root with a ``vqvae/`` subfolder works too;
+   weights ``diffusion_pytorch_model[.fp16].safetensors`` or legacy ``.bin``;
+3. a taming-transformers / latent-diffusion ``.ckpt`` / ``.pth`` (weights-only unpickling with
+   inert stand-ins, ``safe_pickle.py``) or ``.safetensors`` without sundae metadata: unwrap
+   ``state_dict`` (Lightning) / ``model`` (VQ-Diffusion), keep ``first_stage_model.*`` of combined
+   models, keep ``encoder./decoder./quantize./quant_conv./post_quant_conv.`` and drop the other
+   families (loss, EMA, transformer, ...); diffusers-layout keys are converted (§5);
+4. the config is ``config=``, else inferred exactly from tensor shapes (§7); a sibling taming /
+   LDM yaml, when present and PyYAML is importable, must agree with the weights.
+
+``config=``: a ``VQGANConfig`` is used verbatim; a dict *overrides* fields of the detected config
+(e.g. ``{"pixel_range": "-1,1"}`` or ``{"norm_groups": 8}``), unknown keys are an error.
+
+Heuristic (diffusers): ``pixel_range`` is ``"0,1"`` when ``config.json`` has both
+``lookup_from_codebook`` and ``force_upcast`` true -- the signature of aMUSEd's VQ (and its
+copies such as Meissonic's), whose pipelines feed images in [0, 1]; everything else is [-1, 1].
+
+Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)`` with a scoped
+allow-list of inert stand-ins. Loading is strict within the kept families.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._helpers import (
+    META_MODEL_TYPE,
+    hf_download,
+    is_hf_source,
+    load_safetensors,
+    load_state_dict_strict,
+    parse_hf_source,
+    read_safetensors_metadata,
+)
+from .safe_pickle import safe_torch_load
+from .vqgan import VQGAN, VQGANConfig, load_vqgan_native
+from .vqgan_diffusers import (
+    DIFFUSERS_WEIGHTS,
+    JSON_NAMES,
+    NOMINAL_RESOLUTION,
+    check_diffusers_config,
+    diffusers_to_taming,
+    fields_from_diffusers_config,
+    find_vqmodel_folder,
+    flax_message,
+)
+
+__all__ = ["load_vqgan", "diffusers_to_taming", "infer_vqgan_config"]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".th")
+KEEP_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+# EMA statistics of taming's EMAVectorQuantizer and VQ-Diffusion's quantizer: training state
+EMA_QUANTIZER_KEYS = (
+    "quantize.embedding.cluster_size",
+    "quantize.embedding.embed_avg",
+    "quantize.cluster_size",
+    "quantize.embed_avg",
+    "quantize.embedding_avg",
+)
+TAMING_NORM_GROUPS = 32
+_FORMATS = (
+    "a native or taming-layout .safetensors, a taming / latent-diffusion .ckpt or .pth, a "
+    "diffusers VQModel folder (config.json + weights), or hf://owner/repo[/subfolder][/file]"
+)
+
+
+def load_vqgan(source: str | os.PathLike, *, config: VQGANConfig | Mapping[str, Any] | None = None) -> VQGAN:
+    """Load a VQ-GAN from any supported source (module docstring) as a native ``VQGAN`` in eval
+    mode on the CPU (fp32). ``encode(x [b, c, H, W] in [-1, 1]) -> tokens [b, h, w]`` then gives
+    the same ids as the original implementation (taming / diffusers).
+
+    Raises ``FileNotFoundError`` for a missing path or an uncached ``hf://`` file offline, and
+    ``ValueError`` naming the file, the detected format and what to do for anything unloadable
+    (unknown type, truncated file, foreign architecture, unsafe pickle, config mismatch)."""
+    if config is not None and not isinstance(config, VQGANConfig | Mapping):
+        raise ValueError(
+            f"load_vqgan: config must be a VQGANConfig, a dict of field overrides or None, got "
+            f"{type(config).__name__}"
+        )
+    if isinstance(source, str) and is_hf_source(source):
+        path = _fetch_hf(source)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"load_vqgan: {str(path)!r} does not exist; expected {_FORMATS}")
+    return _load_path(path, config).eval()
+
+
+def _load_path(path: Path, config: Any) -> VQGAN:
+    if path.is_dir():
+        return _load_diffusers_folder(path, config)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        if META_MODEL_TYPE in read_safetensors_metadata(path):
+            return _load_native(path, config)
+        return _from_state_dict(load_safetensors(path), path, config, fmt="safetensors without sundae metadata")
+    if suffix in PICKLE_SUFFIXES:
+        obj = safe_torch_load(path, what="load_vqgan")
+        return _from_state_dict(_unwrap_container(obj, path), path, config, fmt=f"PyTorch {suffix} checkpoint")
+    if suffix == ".msgpack":
+        raise ValueError(flax_message(path))
+    if suffix in (".yaml", ".yml", ".json"):
+        raise ValueError(
+            f"load_vqgan: {str(path)!r} is a config file, not weights; pass the weights file (its "
+            "config is read from a sibling yaml) or, for diffusers, the folder holding config.json"
+        )
+    if suffix == ".zip":
+        raise ValueError(
+            f"load_vqgan: {str(path)!r} is a zip archive (latent-diffusion downloads are zips of "
+            "model.ckpt + config.yaml); unzip it and pass model.ckpt"
+        )
+    raise ValueError(
+        f"load_vqgan: unknown file type {suffix or '(no extension)'!r} for {str(path)!r}; expected "
+        f"{_FORMATS} (extensions {list(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# config resolution
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_config(user: Any, fields: dict[str, Any], origin: str) -> VQGANConfig:
+    """The final config: ``user`` verbatim if a VQGANConfig, else ``fields`` updated with the
+    user's overrides. ``norm_groups=None`` (unknown: not stored in weights) becomes taming's 32
+    when every width allows it."""
+    if isinstance(user, VQGANConfig):
+        return user
+    fields = {**fields, **dict(user or {})}
+    if fields.get("norm_groups") is None:
+        widths = sorted({fields["ch"] * m for m in fields["ch_mult"]} | {fields["ch"]})
+        if any(w % TAMING_NORM_GROUPS for w in widths):
+            raise ValueError(
+                f"load_vqgan: {origin}: the GroupNorm group count is not stored in the weights; "
+                f"taming uses {TAMING_NORM_GROUPS} but the widths {widths} are not all divisible by "
+                f"it — pass config={{'norm_groups': N}} with the value the model was trained with"
+            )
+        fields["norm_groups"] = TAMING_NORM_GROUPS
+    return VQGANConfig.from_dict(fields)
+
+
+def _build(config: VQGANConfig, state_dict: Mapping[str, torch.Tensor], origin: str) -> VQGAN:
+    model = VQGAN(config)
+    load_state_dict_strict(model, state_dict, what=f"load_vqgan: {origin}")
+    return model
+
+
+def _load_native(path: Path, config: Any) -> VQGAN:
+    model = load_vqgan_native(path)
+    if config is None:
+        return model
+    final = _resolve_config(config, model.config.to_dict(), str(path))
+    if final == model.config:
+        return model
+    logger.info("load_vqgan: %s: config overridden by config=: %s", path.name, final)
+    return _build(final, model.state_dict(), f"{str(path)!r} with config={config!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# state dicts: unwrap, select, refuse, convert
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap_container(obj: Any, path: Path) -> dict[str, Any]:
+    """The weights inside a torch checkpoint: Lightning ``state_dict``, VQ-Diffusion ``model`` or
+    the dict itself. Every other top-level entry (callbacks, optimizer state, ...) is ignored."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"load_vqgan: {str(path)!r} holds a pickled {type(obj).__name__}, not a dict of weights "
+            "(a whole pickled model?); export its state_dict to .safetensors and load that"
+        )
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            logger.debug("load_vqgan: %s: using the %r entry", path.name, key)
+            return dict(inner)
+    return dict(obj)
+
+
+def _strip_wrapper_prefix(sd: dict[str, Any]) -> dict[str, Any]:
+    """Remove a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix shared by every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _select_vq_tensors(sd: Mapping[str, Any], origin: str, fmt: str) -> dict[str, torch.Tensor]:
+    """Keep-list (§1): ``first_stage_model.*`` of combined models, then the VQ families."""
+    sd = _strip_wrapper_prefix({str(k): v for k, v in sd.items()})
+    if any(k.startswith(("encoder.blocks.", "generator.blocks.")) for k in sd):
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) uses the unleashing-transformers VQGAN layout "
+            "(encoder.blocks.N / generator.blocks.N), a different architecture that cannot be loaded"
+        )
+    first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    if first_stage:
+        logger.info("load_vqgan: %s: combined checkpoint, using its first_stage_model", origin)
+        sd = first_stage
+    kept = {k: v for k, v in sd.items() if k.startswith(KEEP_PREFIXES)}
+    dropped = sorted({k.split(".", 1)[0] for k in sd} - {p.rstrip(".") for p in KEEP_PREFIXES})
+    if dropped:
+        logger.info("load_vqgan: %s: ignoring non-VQ entries %s", origin, dropped)
+    if not kept:
+        families = dropped[:12] or "nothing"
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) holds no VQ-GAN weights (no encoder./decoder./quantize. "
+            f"keys; top-level names: {families}); is it the right file? expected {_FORMATS}"
+        )
+    bad = sorted(k for k, v in kept.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"load_vqgan: {origin}: entries {bad[:8]} are not tensors; the file is not a VQ-GAN state dict")
+    return kept
+
+
+def _refuse_foreign(sd: Mapping[str, torch.Tensor], origin: str, fmt: str) -> None:
+    keys = list(sd)
+    if any(re.search(r"\.(norm_layer|conv_y|conv_b)\.", k) for k in keys):
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) is a MoVQ model (spatially conditioned norms, e.g. "
+            "Kandinsky's movq): its decoder norms depend on the quantized latent, so it is not a "
+            "taming-style VQ-GAN and cannot be loaded"
+        )
+    if any(re.search(r"\.(to_qkv|to_out)\.", k) and ".attn" in k for k in keys):
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) uses latent-diffusion linear attention (attn_type: "
+            "linear, to_qkv/to_out keys), which has no taming equivalent; use a vanilla-attention model"
+        )
+    if not any(k.startswith("quantize.") for k in keys):
+        kl = "quant_conv.weight" in sd and "post_quant_conv.weight" in sd and (
+            sd["quant_conv.weight"].shape[0] == 2 * sd["post_quant_conv.weight"].shape[1]
+        )
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) has no quantizer (quantize.* keys)"
+            + (": it is a KL autoencoder (AutoencoderKL), a continuous-latent model, not a VQ codec" if kl else "")
+            + "; pick a VQ-GAN checkpoint"
+        )
+
+
+def _normalize_quantizer(sd: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """VQ-Diffusion's bare ``quantize.embedding`` -> ``.weight``; drop EMA statistics."""
+    if "quantize.embedding" in sd and "quantize.embedding.weight" not in sd:
+        sd["quantize.embedding.weight"] = sd.pop("quantize.embedding")
+    dropped = [k for k in EMA_QUANTIZER_KEYS if sd.pop(k, None) is not None]
+    if dropped:
+        logger.info("load_vqgan: %s: dropping EMA codebook statistics %s", origin, dropped)
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# config inference (checkpoint-formats.md §7)
+# --------------------------------------------------------------------------------------------
+
+
+def _indices(sd: Mapping[str, Any], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
+
+
+def infer_vqgan_config(sd: Mapping[str, torch.Tensor], *, origin: str = "state dict") -> dict[str, Any]:
+    """``VQGANConfig`` fields from a taming-layout state dict (exact for every taming / LDM VQ).
+
+    ``norm_groups`` is ``None`` (not stored in weights); ``resolution`` is the nominal 256 (or
+    2^(L-1) if larger) and ``attn_resolutions`` place attention at the levels that have it."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise ValueError(f"load_vqgan: {origin}: missing {key!r}; the weights are incomplete or not a taming VQ-GAN")
+        return tuple(sd[key].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    if not levels or levels != list(range(len(levels))):
+        raise ValueError(f"load_vqgan: {origin}: encoder levels {levels} are not 0..L-1")
+    num_levels = len(levels)
+    ch_mult, num_res_blocks = [], None
+    for i in levels:
+        width = shape(f"encoder.down.{i}.block.0.conv1.weight")[0]
+        if width % ch:
+            raise ValueError(
+                f"load_vqgan: {origin}: level {i} width {width} is not a multiple of ch={ch} "
+                "(conv_in output); taming needs widths ch*ch_mult[i] — a diffusers model needs "
+                "block_out_channels that are multiples of block_out_channels[0]"
+            )
+        ch_mult.append(width // ch)
+        blocks = _indices(sd, rf"encoder\.down\.{i}\.block\.(\d+)\.")
+        if num_res_blocks is None:
+            num_res_blocks = len(blocks)
+        if blocks != list(range(num_res_blocks)):
+            raise ValueError(
+                f"load_vqgan: {origin}: encoder level {i} has blocks {blocks}, level 0 has "
+                f"{num_res_blocks}; every level must have num_res_blocks blocks"
+            )
+    z_channels = shape("decoder.conv_in.weight")[1]
+    enc_out = shape("encoder.conv_out.weight")[0]
+    if enc_out not in (z_channels, 2 * z_channels):
+        raise ValueError(
+            f"load_vqgan: {origin}: encoder.conv_out emits {enc_out} channels but decoder.conv_in "
+            f"takes {z_channels}; encoder and decoder do not belong together"
+        )
+    if "quantize.proj.weight" in sd:
+        quantizer, n_embed, embed_dim = "gumbel", shape("quantize.proj.weight")[0], shape("quantize.embed.weight")[1]
+    else:
+        quantizer = "vq"
+        n_embed, embed_dim = shape("quantize.embedding.weight")
+    if shape("quant_conv.weight")[0] != embed_dim:
+        raise ValueError(
+            f"load_vqgan: {origin}: quant_conv emits {shape('quant_conv.weight')[0]} channels but the "
+            f"codebook vectors have {embed_dim}; the quantizer does not belong to this encoder"
+        )
+    attn_levels = [i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd]
+    mid_attention = "encoder.mid.attn_1.q.weight" in sd
+    _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_attention)
+    resolution = max(NOMINAL_RESOLUTION, 2 ** (num_levels - 1))
+    return dict(
+        ch=ch,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**i for i in attn_levels),
+        resolution=resolution,
+        z_channels=z_channels,
+        in_channels=in_channels,
+        out_ch=shape("decoder.conv_out.weight")[0],
+        dropout=0.0,
+        double_z=enc_out == 2 * z_channels and enc_out != z_channels,
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+        norm_groups=None,
+        mid_attention=mid_attention,
+        resamp_with_conv=num_levels == 1 or "encoder.down.0.downsample.conv.weight" in sd,
+        pixel_range="-1,1",
+        quantizer=quantizer,
+        remap_used=int(sd["quantize.used"].numel()) if "quantize.used" in sd else 0,
+    )
+
+
+def _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_attention) -> None:
+    """Encoder-derived structure must match the decoder's (§7.6); name the differing part."""
+    dec_levels = _indices(sd, r"decoder\.up\.(\d+)\.")
+    if dec_levels != list(range(num_levels)):
+        raise ValueError(f"load_vqgan: {origin}: decoder levels {dec_levels} differ from the encoder's 0..{num_levels - 1}")
+    for i in dec_levels:
+        blocks = _indices(sd, rf"decoder\.up\.{i}\.block\.(\d+)\.")
+        if blocks != list(range(num_res_blocks + 1)):
+            raise ValueError(
+                f"load_vqgan: {origin}: decoder.up.{i} has blocks {blocks}; with num_res_blocks="
+                f"{num_res_blocks} (encoder) the decoder needs {num_res_blocks + 1}"
+            )
+    dec_attn = [i for i in dec_levels if f"decoder.up.{i}.attn.0.q.weight" in sd]
+    if dec_attn != attn_levels:
+        raise ValueError(
+            f"load_vqgan: {origin}: decoder attention levels {dec_attn} differ from the encoder's "
+            f"{attn_levels}; our VQGANConfig needs the same attention levels on both sides"
+        )
+    if ("decoder.mid.attn_1.q.weight" in sd) != mid_attention:
+        raise ValueError(f"load_vqgan: {origin}: encoder and decoder disagree on mid-block attention")
+
+
+# --------------------------------------------------------------------------------------------
+# taming / LDM checkpoints (+ sibling yaml)
+# --------------------------------------------------------------------------------------------
+
+
+def _from_state_dict(sd: Mapping[str, Any], path: Path, config: Any, *, fmt: str) -> VQGAN:
+    origin = repr(str(path))
+    if not sd:
+        raise ValueError(f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download or export it again")
+    sd = _select_vq_tensors(sd, origin, fmt)
+    _refuse_foreign(sd, origin, fmt)
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        fmt = f"{fmt}, diffusers key layout"
+        sd = diffusers_to_taming(sd, origin=origin)
+    elif not any(k.startswith("encoder.down.") for k in sd):
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}): unrecognised key layout (neither taming encoder.down.* "
+            f"nor diffusers encoder.down_blocks.*; first keys {sorted(sd)[:6]})"
+        )
+    sd = _normalize_quantizer(dict(sd), origin)
+    if isinstance(config, VQGANConfig):
+        return _build(config, sd, f"{origin} ({fmt})")
+    fields = infer_vqgan_config(sd, origin=f"{origin} ({fmt})")
+    fields = _cross_check_yaml(path, fields, origin)
+    return _build(_resolve_config(config, fields, origin), sd, f"{origin} ({fmt})")
+
+
+def _yaml_candidates(path: Path) -> list[Path]:
+    return [
+        path.with_suffix(".yaml"),
+        path.with_suffix(".yml"),
+        path.parent / "config.yaml",
+        path.parent / "model.yaml",
+        path.parent / "configs" / "model.yaml",
+        path.parent.parent / "configs" / "model.yaml",
+    ]
+
+
+def _find_vq_params(doc: Any) -> tuple[dict, str, str] | None:
+    """(params, target, dotted path of params) of the VQ model in a taming / LDM yaml."""
+    if not isinstance(doc, Mapping):
+        return None
+    model, where = (doc["model"], "model") if isinstance(doc.get("model"), Mapping) else (doc, "")
+    params = model.get("params") if isinstance(model.get("params"), Mapping) else {}
+    target, where = str(model.get("target", "")), f"{where}.params".lstrip(".")
+    first = params.get("first_stage_config")
+    if isinstance(first, Mapping):  # Net2Net / latent diffusion bundle
+        target, params, where = str(first.get("target", "")), first.get("params") or {}, f"{where}.first_stage_config.params"
+    if not isinstance(params, Mapping) or not isinstance(params.get("ddconfig"), Mapping):
+        return None
+    return dict(params), target, where
+
+
+def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Compare a sibling yaml with the inferred fields; adopt its nominal resolution/dropout."""
+    found = next((p for p in _yaml_candidates(path) if p.is_file()), None)
+    if found is None:
+        return fields
+    try:
+        import yaml
+    except ImportError:
+        logger.info("load_vqgan: PyYAML is not installed; not cross-checking %s", found)
+        return fields
+    try:
+        doc = yaml.safe_load(found.read_text(encoding="utf-8"))
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError
+        raise ValueError(f"load_vqgan: the config {str(found)!r} next to {origin} is not valid YAML ({exc}); fix or remove it") from exc
+    located = _find_vq_params(doc)
+    if located is None:
+        logger.warning("load_vqgan: %s has no VQ model ddconfig; ignoring it", found)
+        return fields
+    params, target, where = located
+    dd = params["ddconfig"]
+    attn_type = str(dd.get("attn_type", "vanilla"))
+    if attn_type == "linear":
+        raise ValueError(f"load_vqgan: {str(found)!r} sets attn_type: linear (latent-diffusion linear attention), which cannot be loaded")
+    expected: dict[str, tuple[str, Any]] = {}  # field -> (yaml path, value)
+    for name in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch", "double_z"):
+        if name in dd:
+            expected[name] = (f"{where}.ddconfig.{name}", dd[name])
+    if "ch_mult" in dd:
+        expected["ch_mult"] = (f"{where}.ddconfig.ch_mult", tuple(dd["ch_mult"]))
+    for name in ("embed_dim", "n_embed"):
+        if name in params:
+            expected[name] = (f"{where}.{name}", params[name])
+    expected["mid_attention"] = (f"{where}.ddconfig.attn_type", attn_type != "none")
+    if target:
+        expected["quantizer"] = (f"{target} (target)", "gumbel" if "Gumbel" in target else "vq")
+    has_remap = params.get("remap") is not None
+    if has_remap != (fields["remap_used"] > 0):
+        raise ValueError(
+            f"load_vqgan: {str(found)!r}: field '{where}.remap' is {params.get('remap')!r} but the weights "
+            f"in {origin} {'have' if fields['remap_used'] else 'have no'} a quantize.used remap buffer; "
+            "the yaml does not belong to these weights — fix or remove it, or pass config="
+        )
+    resolution = dd.get("resolution")
+    yaml_attn = None
+    if isinstance(resolution, int) and resolution > 0 and "attn_resolutions" in dd:
+        attn = tuple(int(r) for r in dd["attn_resolutions"] or ())
+        yaml_attn = attn
+        ours = [i for i in range(len(fields["ch_mult"])) if fields["resolution"] // 2**i in fields["attn_resolutions"]]
+        theirs = [i for i in range(len(fields["ch_mult"])) if resolution // 2**i in attn]
+        if ours != theirs:
+            raise ValueError(
+                f"load_vqgan: {str(found)!r}: field '{where}.ddconfig.attn_resolutions' = {list(attn)} at "
+                f"resolution {resolution} puts attention at levels {theirs}, but the weights in {origin} "
+                f"have attention at levels {ours}; the yaml does not belong to these weights — fix or remove it"
+            )
+    for name, (yaml_path, value) in expected.items():
+        if value != fields[name]:
+            raise ValueError(
+                f"load_vqgan: {str(found)!r}: field '{yaml_path}' is {value!r} but the weights in {origin} "
+                f"give {fields[name]!r}; the yaml does not belong to these weights — fix or remove it, "
+                "or pass config= explicitly"
+            )
+    logger.info("load_vqgan: %s agrees with the weights", found)
+    fields = dict(fields)
+    f = 2 ** (len(fields["ch_mult"]) - 1)
+    if yaml_attn is not None and resolution % f == 0:
+        sizes = {resolution // 2**i for i in range(len(fields["ch_mult"]))}
+        fields["resolution"] = resolution
+        fields["attn_resolutions"] = tuple(r for r in yaml_attn if r in sizes)
+    if isinstance(dd.get("dropout"), int | float) and 0 <= dd["dropout"] < 1:
+        fields["dropout"] = float(dd["dropout"])
+    return fields
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers folders
+# --------------------------------------------------------------------------------------------
+
+def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
+    folder = find_vqmodel_folder(folder)
+    cfg_path = folder / "config.json"
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"load_vqgan: {str(cfg_path)!r} is not valid JSON ({exc}); download it again") from exc
+    check_diffusers_config(data, cfg_path)
+    weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        if (folder / "diffusion_flax_model.msgpack").is_file():
+            raise ValueError(flax_message(folder / "diffusion_flax_model.msgpack"))
+        raise ValueError(
+            f"load_vqgan: the diffusers folder {str(folder)!r} has config.json but no weights; expected "
+            f"one of {list(DIFFUSERS_WEIGHTS)} — download the weights too"
+        )
+    fmt = f"diffusers VQModel {weights.name}"
+    sd = load_safetensors(weights) if weights.suffix == ".safetensors" else _unwrap_container(safe_torch_load(weights), weights)
+    origin = repr(str(weights))
+    if not sd:
+        raise ValueError(f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download it again")
+    sd = _select_vq_tensors(sd, origin, fmt)
+    _refuse_foreign(sd, origin, fmt)
+    sd = _normalize_quantizer(diffusers_to_taming(sd, origin=origin), origin)
+    declared = fields_from_diffusers_config(data, cfg_path)
+    if isinstance(config, VQGANConfig):
+        return _build(config, sd, f"{origin} ({fmt})")
+    inferred = infer_vqgan_config(sd, origin=f"{origin} ({fmt})")
+    for name, json_name in JSON_NAMES.items():
+        if declared[name] != inferred[name]:
+            raise ValueError(
+                f"load_vqgan: {str(cfg_path)!r}: {json_name} gives {name}={declared[name]!r} but the "
+                f"weights in {origin} have {inferred[name]!r}; config.json and weights do not belong together"
+            )
+    return _build(_resolve_config(config, declared, origin), sd, f"{origin} ({fmt})")
+
+
+# --------------------------------------------------------------------------------------------
+# hf:// sources
+# --------------------------------------------------------------------------------------------
+
+
+def _fetch_hf(source: str) -> Path:
+    """Download (or take from the cache) what ``source`` names; return the local file or folder."""
+    repo_id, inner = parse_hf_source(source)
+    if inner.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".msgpack",)):
+        path = hf_download(repo_id, inner, source=source)
+        if path.suffix.lower() in PICKLE_SUFFIXES or (
+            path.suffix.lower() in SAFETENSORS_SUFFIXES and META_MODEL_TYPE not in read_safetensors_metadata(path)
+        ):
+            _fetch_hf_yaml(repo_id, inner)
+        return path
+    sub = inner.strip("/")
+    first_error: FileNotFoundError | None = None
+    for folder in (sub, f"{sub}/vqvae".strip("/")):
+        try:
+            cfg_path = hf_download(repo_id, f"{folder}/config.json".lstrip("/"), source=source)
+        except FileNotFoundError as exc:
+            first_error = first_error or exc
+            continue
+        check_diffusers_config(json.loads(cfg_path.read_text(encoding="utf-8")), cfg_path)
+        for name in DIFFUSERS_WEIGHTS:
+            try:
+                hf_download(repo_id, f"{folder}/{name}".lstrip("/"), source=source)
+                return cfg_path.parent
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(
+            f"load_vqgan: {source}: {repo_id}/{folder or '.'} has config.json but none of "
+            f"{list(DIFFUSERS_WEIGHTS)} could be fetched (offline, or the weights are elsewhere)"
+        )
+    raise FileNotFoundError(
+        f"load_vqgan: {source}: no diffusers config.json at {repo_id}/{sub or '(root)'} or its vqvae/ "
+        "subfolder; name the subfolder or the weights file (hf://owner/repo/vqvae or "
+        f"hf://owner/repo/path/model.ckpt). Cause: {first_error}"
+    ) from first_error
+
+
+def _fetch_hf_yaml(repo_id: str, inner: str) -> None:
+    """Best effort: fetch a sibling yaml of a Hub checkpoint so the local cross-check sees it."""
+    stem, _, _ = inner.rpartition(".")
+    parent = inner.rpartition("/")[0]
+    for name in (f"{stem}.yaml", f"{parent}/config.yaml".lstrip("/"), f"{parent}/model.yaml".lstrip("/")):
+        try:
+            hf_download(repo_id, name)
+            return
+        except FileNotFoundError:
+            continue
