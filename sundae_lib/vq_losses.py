@@ -15,6 +15,11 @@ depends on VQ-GAN internals. One generator training step, in the trainer::
     d_loss.backward(); opt_d.step()
     log |= loss.codebook_step(codebook, z_e.detach(), tokens)    # EMA / restart, after backward
 
+(``out = vqgan(x)`` works too: ``loss.vq_loss(out.latent, out.quantized)`` is the same VQ loss and
+``out.recon`` the straight-through reconstruction.) The GAN functions (``hinge_d_loss``,
+``vanilla_d_loss``, ``calculate_adaptive_weight``, ``adopt_weight``, …) live in
+``discriminator.py`` and are re-exported here.
+
 β placement. The VQ-VAE paper's objective is
 ``‖sg[z_e] − z_q‖² + β·‖z_e − sg[z_q]‖²``: the codebook term (moves codes, weight 1) plus β times
 the commitment term (moves the encoder). taming's ``VectorQuantizer2(legacy=True)`` — its default,
@@ -537,6 +542,14 @@ class VQGANLoss(nn.Module):
         """:func:`vq_losses` with this config's β; with an EMA codebook the codebook gradient
         term is dropped. Returns ``(z_q_st [b, d, h, w], codebook_loss, tokens [b, h, w])``."""
         return vq_losses(z_e, codebook, self.config.beta, codebook_term=self.ema is None)
+
+    def vq_loss(self, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        """The same VQ loss from ``VQGAN.forward``'s outputs: ``latent`` (z_e) and ``quantized``
+        (plain codebook lookup, not straight-through), both ``[b, d, h, w]``. Scalar."""
+        loss, _, _ = codebook_commitment_loss(
+            latent, quantized, beta=self.config.beta, codebook_term=self.ema is None
+        )
+        return loss
 
     @torch.no_grad()
     def codebook_step(
