@@ -21,9 +21,9 @@ depends on VQ-GAN internals. One generator training step, in the trainer::
 ``discriminator.py`` and are re-exported here.
 
 β placement. The VQ-VAE paper's objective is
-``‖sg[z_e] − z_q‖² + β·‖z_e − sg[z_q]‖²``: the codebook term (moves codes, weight 1) plus β times
-the commitment term (moves the encoder). taming's ``VectorQuantizer2(legacy=True)`` — its default, which
-``VQModel`` never overrides — puts β on the *codebook* term instead
+``‖sg[z_e] − z_q‖² + β·‖z_e − sg[z_q]‖²``: the codebook term (moves codes, weight 1) plus β
+times the commitment term (moves the encoder). taming's ``VectorQuantizer2(legacy=True)`` — its
+default, which ``VQModel`` never overrides — puts β on the *codebook* term instead
 (``mean((sg[z_q] − z)²) + β·mean((z_q − sg[z])²)``), so with β = 0.25 the encoder is pulled 4×
 harder than the codes move. We implement the paper's form only (no ``legacy`` switch).
 
