@@ -1,0 +1,344 @@
+"""Import hygiene: the pack loads the way ComfyUI loads it, and the layers import one way.
+
+- ComfyUI imports a pack folder from ``<dir>/__init__.py`` under a module name equal to the
+  folder's absolute path (dots replaced by ``_x_``), with its own ``nodes`` / ``utils`` /
+  ``folder_paths`` already in ``sys.modules``. We do exactly that in a subprocess (with
+  stand-ins for those ComfyUI modules), then validate the node mappings it exposes.
+- An AST scan forbids absolute imports of our own subpackages and of ComfyUI's top-level names
+  (they bind to ComfyUI's modules inside ComfyUI), except the adapter's guarded lazy imports.
+- ``sundae_lib`` imports with ComfyUI, click and the other layers blocked.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = ("nodes", "sundae_lib", "trainer")
+OWN_SUBPACKAGES = {"nodes", "sundae_lib", "trainer", "comfyui_sundae", "utils", "models"}
+# comfyui-contract.md §2: top-level names that resolve to ComfyUI inside ComfyUI
+COMFY_NAMES = {
+    "nodes", "server", "execution", "folder_paths", "latent_preview", "node_helpers", "protocol",
+    "main", "cuda_malloc", "new_updater", "comfyui_version", "comfy", "comfy_api", "comfy_api_nodes",
+    "comfy_config", "comfy_execution", "comfy_extras", "app", "utils", "middleware", "api_server",
+    "alembic_db", "models", "input", "output", "custom_nodes", "script_examples",
+}
+ADAPTER = REPO / "nodes" / "comfy_adapter.py"
+ADAPTER_ALLOWED = {"folder_paths", "comfy"}
+
+EXPECTED_NODES = {  # DESIGN.md "ComfyUI nodes": ids are permanent
+    "SundaeLoadVQGAN": "Load VQ-GAN",
+    "SundaeLoadPrior": "Load SUNDAE Prior",
+    "SundaeEncode": "VQ-GAN Encode",
+    "SundaeLatentMask": "Latent Mask",
+    "SundaeSampler": "SUNDAE Sampler",
+    "SundaeDecode": "VQ-GAN Decode",
+}
+
+
+def package_files() -> list[Path]:
+    files = [REPO / "__init__.py"]
+    for d in PACKAGE_DIRS:
+        files += sorted((REPO / d).rglob("*.py"))
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# (a) imported exactly as ComfyUI imports it
+# --------------------------------------------------------------------------------------------
+
+COMFY_STYLE_IMPORT = textwrap.dedent(
+    r"""
+    import importlib.util, json, os, sys, types
+
+    pack_dir, models_dir = sys.argv[1], sys.argv[2]
+
+    # ComfyUI's own top-level modules are already imported when packs load
+    for name in ("nodes", "utils", "server"):
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["nodes"].COMFY_SENTINEL = True
+
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = models_dir
+    fp.supported_pt_extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors"}
+    # what extra_model_paths.yaml did before packs import: a user path for 'vqgan'
+    fp.folder_names_and_paths = {"vqgan": (["/user/yaml/vqgan"], set())}
+
+    def add_model_folder_path(name, path, is_default=False):  # ComfyUI's semantics
+        if name in fp.folder_names_and_paths:
+            paths, _ = fp.folder_names_and_paths[name]
+            if path in paths:
+                if is_default and paths[0] != path:
+                    paths.remove(path); paths.insert(0, path)
+            elif is_default:
+                paths.insert(0, path)
+            else:
+                paths.append(path)
+        else:
+            fp.folder_names_and_paths[name] = ([path], set())
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0][:]
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        out = []
+        for root in paths:
+            for dp, _, fs in os.walk(root):
+                for f in fs:
+                    if not exts or os.path.splitext(f)[1].lower() in exts:
+                        out.append(os.path.relpath(os.path.join(dp, f), root))
+        return sorted(out)
+    fp.get_filename_list = get_filename_list
+    def get_full_path(name, f):
+        for root in fp.folder_names_and_paths[name][0]:
+            if os.path.isfile(os.path.join(root, f)):
+                return os.path.join(root, f)
+    fp.get_full_path = get_full_path
+    sys.modules["folder_paths"] = fp
+
+    # nodes.py load_custom_node()
+    module_name = pack_dir.replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(pack_dir, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+
+    def jsonable(x):
+        if isinstance(x, (tuple, list)):
+            return [jsonable(v) for v in x]
+        if isinstance(x, dict):
+            return {k: jsonable(v) for k, v in x.items()}
+        return x if isinstance(x, (str, int, float, bool, type(None))) else repr(x)
+
+    info = {}
+    for node_id, cls in module.NODE_CLASS_MAPPINGS.items():
+        spec_ = cls.INPUT_TYPES()
+        info[node_id] = {
+            "module": cls.__module__,
+            "input": jsonable(spec_),
+            "input_order": {k: list(v) for k, v in spec_.items()},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "output_tooltips": list(getattr(cls, "OUTPUT_TOOLTIPS", [])),
+            "name": node_id,
+            "display_name": module.NODE_DISPLAY_NAME_MAPPINGS.get(node_id),
+            "description": getattr(cls, "DESCRIPTION", ""),
+            "category": getattr(cls, "CATEGORY", ""),
+            "function": cls.FUNCTION,
+            "has_function": callable(getattr(cls, cls.FUNCTION, None)),
+            "output_node": getattr(cls, "OUTPUT_NODE", False),
+        }
+    print(json.dumps({
+        "module_name": module_name,
+        "info": info,
+        "web_directory": getattr(module, "WEB_DIRECTORY", None),
+        "folders": {k: [list(v[0]), sorted(v[1])] for k, v in fp.folder_names_and_paths.items()},
+        "comfyui_sundae_imported": any(m == "comfyui_sundae" or m.startswith("comfyui_sundae.") for m in sys.modules),
+        "nodes_is_comfy": getattr(sys.modules["nodes"], "COMFY_SENTINEL", False),
+        "own_modules": sorted(m for m in sys.modules if m.startswith(module_name + ".")),
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def comfy_loaded(tmp_path_factory):
+    base = tmp_path_factory.mktemp("custom.nodes")  # a dot in the path: exercises "_x_"
+    pack = base / "comfyui-sundae-test"
+    pack.symlink_to(REPO, target_is_directory=True)
+    models = base / "models"
+    env = {**os.environ, "PYTHONPATH": ""}
+    res = subprocess.run(
+        [sys.executable, "-c", COMFY_STYLE_IMPORT, str(pack), str(models)],
+        capture_output=True, text=True, timeout=300, cwd=str(base), env=env,
+    )
+    assert res.returncode == 0, f"import as ComfyUI failed:\n{res.stderr[-4000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1]), pack, models
+
+
+def test_comfy_style_import_uses_own_modules(comfy_loaded):
+    data, pack, _ = comfy_loaded
+    assert data["module_name"] == str(pack).replace(".", "_x_") and "_x_" in data["module_name"]
+    assert not data["comfyui_sundae_imported"], "the pack must not depend on the name comfyui_sundae"
+    assert data["nodes_is_comfy"], "ComfyUI's top-level 'nodes' module was replaced"
+    for node_id, info in data["info"].items():
+        assert info["module"].startswith(data["module_name"] + ".nodes."), (node_id, info["module"])
+    assert data["web_directory"] and (REPO / data["web_directory"]).is_dir()
+
+
+def test_model_folders_keep_user_yaml_entries(comfy_loaded):
+    data, _, models = comfy_loaded
+    folders = data["folders"]
+    vq_paths, vq_exts = folders["vqgan"]
+    assert vq_paths[0] == "/user/yaml/vqgan", "the extra_model_paths.yaml entry must be kept, first"
+    assert vq_paths[1:] == [str(models / "vqgan"), str(REPO / "shipped_models" / "vqgan")]
+    assert ".safetensors" in vq_exts and ".ckpt" in vq_exts and ".pkl" not in vq_exts
+    sd_paths, sd_exts = folders["sundae"]
+    assert sd_paths == [str(models / "sundae"), str(REPO / "shipped_models" / "sundae")]
+    assert sd_exts == vq_exts
+
+
+def test_node_mappings_as_comfyui_sees_them(comfy_loaded):
+    info = comfy_loaded[0]["info"]
+    assert {k: v["display_name"] for k, v in info.items()} == EXPECTED_NODES
+    assert len(set(EXPECTED_NODES.values())) == len(EXPECTED_NODES)
+    custom_types = {"SUNDAE_VQGAN", "SUNDAE_PRIOR", "SUNDAE_TOKENS", "IMAGE", "MASK"}
+    for node_id, node in info.items():
+        assert node_id.startswith("Sundae")
+        assert node["category"].split("/")[0] == "sundae", node_id
+        assert len(node["description"]) > 40, f"{node_id}: DESCRIPTION missing or too short"
+        assert node["has_function"], f"{node_id}: FUNCTION {node['function']!r} is not a method"
+        assert node["output"] and len(node["output_name"]) == len(node["output"]) == len(node["output_tooltips"])
+        assert all(isinstance(t, str) and len(t) > 10 for t in node["output_tooltips"])
+        assert set(node["output"]) <= custom_types
+        assert set(node["input"]) <= {"required", "optional", "hidden"}
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+                where = f"{node_id}.{name}"
+                tip = opts.get("tooltip", "")
+                assert isinstance(tip, str) and tip.endswith(".") and len(tip) > 20, f"{where}: tooltip"
+                if isinstance(kind, list):  # combo
+                    assert all(isinstance(v, str) for v in kind), where
+                    if "default" in opts:
+                        assert opts["default"] in kind, where
+                elif kind in ("INT", "FLOAT"):
+                    assert opts["min"] <= opts["default"] <= opts["max"], where
+                    if kind == "INT":
+                        assert all(isinstance(opts[k], int) for k in ("min", "max", "default")), where
+                elif kind == "BOOLEAN":
+                    assert isinstance(opts["default"], bool), where
+                else:
+                    assert kind in custom_types, f"{where}: unexpected type {kind!r}"
+    seed = info["SundaeSampler"]["input"]["required"]["seed"][1]
+    assert seed["control_after_generate"] is True and seed["max"] == 0xFFFFFFFFFFFFFFFF
+    loaders = info["SundaeLoadVQGAN"]["input"]["required"]["vqgan_name"][0]
+    assert "pixels (256 levels, grey)" in loaders and "pixels (16 levels, grey)" in loaders
+    assert info["SundaeLoadVQGAN"]["input"]["required"]["dtype"][0] == ["auto", "fp32", "bf16", "fp16"]
+
+
+def test_node_docs_exist():
+    for node_id in EXPECTED_NODES:
+        doc = REPO / "web" / "docs" / f"{node_id}.md"
+        assert doc.is_file(), f"missing node doc {doc.relative_to(REPO)}"
+        text = doc.read_text()
+        assert text.startswith("# ") and len(text) > 300
+
+
+# --------------------------------------------------------------------------------------------
+# (b) import scan and layering
+# --------------------------------------------------------------------------------------------
+
+
+def _guarded_lazy(tree: ast.Module) -> set[int]:
+    """Ids of Import/ImportFrom nodes inside a function body, in a try with an ImportError handler."""
+    ok: set[int] = set()
+
+    def handles_import_error(t: ast.Try) -> bool:
+        for h in t.handlers:
+            names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)
+            if any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names):
+                return True
+        return False
+
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for t in ast.walk(fn):
+                if isinstance(t, ast.Try) and handles_import_error(t):
+                    for stmt in t.body:
+                        for n in ast.walk(stmt):
+                            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                                ok.add(id(n))
+    return ok
+
+
+def absolute_import_violations(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    allowed = _guarded_lazy(tree) if path == ADAPTER else set()
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            tops = [(a.name.split(".")[0], a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [(node.module.split(".")[0], node.module)]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__"):
+            arg = node.args[0] if node.args else None
+            tops = [(arg.value.split(".")[0], arg.value)] if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and not arg.value.startswith(".") else []
+        else:
+            continue
+        for top, full in tops:
+            if top in OWN_SUBPACKAGES:
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}: absolute import of our own {full!r} — use a relative import")
+            elif top in COMFY_NAMES and not (id(node) in allowed and top in ADAPTER_ALLOWED):
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}: import of ComfyUI's {full!r} outside nodes/comfy_adapter.py's guarded lazy imports")
+    return bad
+
+
+def test_no_absolute_imports_of_own_or_comfyui_modules():
+    files = package_files()
+    assert len(files) > 10
+    problems = [p for f in files for p in absolute_import_violations(f)]
+    assert not problems, "\n".join(problems)
+
+
+def test_scan_catches_the_mistakes(tmp_path, monkeypatch):
+    """The scanner itself: each of these lines must be reported."""
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    for line in ("import nodes", "from nodes.types import TokenBatch", "from sundae_lib import sample",
+                 "import comfy.utils", "import folder_paths", "from comfyui_sundae.nodes import x",
+                 "importlib.import_module('trainer.cli')"):
+        f = tmp_path / "mod.py"
+        f.write_text(f"import importlib\n{line}\n")
+        assert absolute_import_violations(f), line
+    # ... and an unguarded ComfyUI import in the adapter is reported too, a guarded one is not
+    monkeypatch.setattr(sys.modules[__name__], "ADAPTER", tmp_path / "mod.py")
+    (tmp_path / "mod.py").write_text("def f():\n    import folder_paths\n")
+    assert absolute_import_violations(tmp_path / "mod.py")
+    (tmp_path / "mod.py").write_text("def f():\n    try:\n        import folder_paths\n    except ImportError:\n        return None\n")
+    assert not absolute_import_violations(tmp_path / "mod.py")
+
+
+def test_sundae_lib_never_reaches_up_a_layer():
+    for f in sorted((REPO / "sundae_lib").rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                pytest.fail(f"{f.relative_to(REPO)}:{node.lineno}: sundae_lib imports from a parent package")
+
+
+BLOCKED_IMPORT = textwrap.dedent(
+    r"""
+    import importlib, pkgutil, sys
+    BLOCKED = ("comfy", "comfy_extras", "comfy_execution", "folder_paths", "click", "nodes", "server",
+               "comfyui_sundae.nodes", "comfyui_sundae.trainer")
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                raise ImportError(f"blocked import of {name!r} from sundae_lib")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import comfyui_sundae.sundae_lib as lib
+    names = [m.name for m in pkgutil.iter_modules(lib.__path__)]
+    for name in names:
+        importlib.import_module(f"comfyui_sundae.sundae_lib.{name}")
+    for public in lib.__all__:
+        getattr(lib, public)
+    print(len(names))
+    """
+)
+
+
+def test_sundae_lib_imports_without_comfyui_click_or_other_layers():
+    res = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert int(res.stdout.strip()) >= 5
