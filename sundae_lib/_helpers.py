@@ -254,7 +254,8 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
 def _short(items: Iterable[str], limit: int = 12) -> str:
     items = list(items)
     head = ", ".join(repr(i) for i in items[:limit])
-    return f"[{head}{', ... (%d more)' % (len(items) - limit) if len(items) > limit else ''}]"
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"[{head}{more}]"
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
