@@ -1,0 +1,327 @@
+"""``sundae-train sample`` / ``inpaint`` / ``env``.
+
+Model resolution: ``--model`` is a prior file, ``hf://...``, or one of the shipped names
+(``mnist-vq`` = default, ``mnist-pixels``) under ``<package>/shipped_models/sundae/``. The codec
+comes from ``--vqgan`` or from what the prior records in its metadata (``sundae.codec``:
+``pixel:levels=..,channels=..`` or ``vqgan:sha256=..`` with ``sundae.vqgan_file``, looked up
+beside the prior, in a sibling ``vqgan/`` folder and in ``shipped_models/vqgan/``). Sampler
+defaults come from the prior's training config (``sundae.sampling``); flags override them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PACKAGE_ROOT
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = PACKAGE_ROOT / "shipped_models"
+SHIPPED_PRIORS = {"mnist-vq": "mnist-vq.safetensors", "mnist-pixels": "mnist-pixels.safetensors"}
+DEFAULT_MODEL = "mnist-vq"
+
+
+def resolve_model_path(model: str | None) -> str:
+    """``--model`` value -> a path or hf:// source (shipped names resolved, with a clear error
+    when the shipped file is missing)."""
+    name = model or DEFAULT_MODEL
+    if name in SHIPPED_PRIORS:
+        path = SHIPPED / "sundae" / SHIPPED_PRIORS[name]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the shipped prior '{name}' is missing: expected {str(path)!r}. Reinstall "
+                "comfyui-sundae (the file ships with the package), or pass --model PATH to a prior "
+                "you trained (sundae-train prior --config " + name + ")"
+            )
+        return str(path)
+    if name.startswith("hf://"):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--model {name!r}: no such file; give a prior .safetensors, hf://owner/repo/file, or a "
+            f"shipped name ({', '.join(SHIPPED_PRIORS)})"
+        )
+    return str(path)
+
+
+def resolve_codec(prior, prior_source: str, vqgan: str | None):
+    """The codec for ``prior``: ``--vqgan`` if given, else the one its metadata records."""
+    from ..sundae_lib import PixelCodec, load_vqgan
+    from ..sundae_lib._helpers import file_sha256
+
+    meta = getattr(prior, "metadata", {}) or {}
+    if vqgan:
+        codec = PixelCodec.from_spec(vqgan) if vqgan.startswith("pixel") else load_vqgan(vqgan)
+    else:
+        spec = meta.get("sundae.codec", "")
+        if spec.startswith("pixel"):
+            codec = PixelCodec.from_spec(spec)
+        elif spec.startswith("vqgan"):
+            sha = spec.partition("sha256=")[2]
+            name = meta.get("sundae.vqgan_file", "")
+            if not name:
+                raise ValueError(f"the prior {prior_source!r} records a VQ-GAN hash but no file name; pass --vqgan FILE")
+            here = Path(prior_source).parent if not prior_source.startswith("hf://") else None
+            candidates = [SHIPPED / "vqgan" / name]
+            if here is not None:
+                candidates = [here / name, here.parent / "vqgan" / name, *candidates]
+            codec = None
+            for cand in candidates:
+                if cand.is_file():
+                    if sha and file_sha256(cand) != sha:
+                        logger.warning("%s has another sha256 than the prior records; skipping it", cand)
+                        continue
+                    codec = load_vqgan(str(cand))
+                    break
+            if codec is None:
+                raise FileNotFoundError(
+                    f"the prior was trained on tokens of the VQ-GAN {name!r} (sha256 {sha[:12]}...), "
+                    f"which is not in {', '.join(str(c.parent) for c in candidates)}; pass --vqgan FILE"
+                )
+        else:
+            raise ValueError(
+                f"the prior {prior_source!r} does not record its codec (no 'sundae.codec' metadata); "
+                "pass --vqgan FILE (a VQ-GAN) or --vqgan pixel:levels=256,channels=1"
+            )
+    if int(codec.codebook_size) != int(prior.codebook_size):
+        raise ValueError(
+            f"the prior has {prior.codebook_size} codes but the codec has {codec.codebook_size}; use "
+            "the VQ-GAN (or pixel levels) the prior was trained on"
+        )
+    return codec.eval()
+
+
+def _schedule(text: str | None, default: Any) -> Any:
+    if text is None:
+        return tuple(default) if isinstance(default, list) else default
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a number or START,END (e.g. 1.0,0.7)") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 2:
+        raise ValueError(f"{text!r}: expected a number or START,END, got {len(values)} values")
+    return tuple(values)
+
+
+def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
+    num = int(prior.num_classes)
+    if not num:
+        if klass not in (None, "null", "none", "-1"):
+            raise ValueError(f"--class {klass!r}: this prior is unconditional (no classes)")
+        return None
+    if klass is None:
+        return torch.arange(n) % num
+    if klass in ("null", "none", "-1"):
+        return torch.full((n,), -1, dtype=torch.long)
+    names = json.loads((prior.metadata or {}).get("sundae.label_map", "null") or "null") or []
+    if klass in names:
+        return torch.full((n,), names.index(klass), dtype=torch.long)
+    try:
+        k = int(klass)
+    except ValueError:
+        raise ValueError(f"--class {klass!r}: not a class id (0..{num - 1}) or name {names[:10]}") from None
+    if not 0 <= k < num:
+        raise ValueError(f"--class {k}: this prior has classes 0..{num - 1} (or 'null')")
+    return torch.full((n,), k, dtype=torch.long)
+
+
+def _setup(model, vqgan, device):
+    from ..sundae_lib import load_prior
+    from .dist import pick_device
+
+    dev = pick_device(device)
+    source = resolve_model_path(model)
+    prior = load_prior(source).to(dev).eval()
+    codec = resolve_codec(prior, source, vqgan).to(dev)
+    meta = prior.metadata or {}
+    defaults = json.loads(meta["sundae.sampling"]) if meta.get("sundae.sampling") else {}
+    return prior, codec, dev, defaults
+
+
+def _sampler_kwargs(defaults: dict, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale) -> dict:
+    return {
+        "steps": steps if steps is not None else int(defaults.get("steps", 100)),
+        "temperature": _schedule(temperature, defaults.get("temperature", (1.0, 0.7))),
+        "update_proportion": _schedule(update_proportion, defaults.get("update_proportion", (1.0, 1.0))),
+        "min_steps": min_steps if min_steps is not None else int(defaults.get("min_steps", 10)),
+        "early_stop": early_stop if early_stop is not None else bool(defaults.get("early_stop", True)),
+        "cfg_scale": cfg_scale if cfg_scale is not None else float(defaults.get("cfg_scale", 1.0)),
+    }
+
+
+def _write(images: torch.Tensor, out: str, *, nrow: int | None = None) -> list[Path]:
+    from .runtime import save_grid, save_images
+
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        return [save_grid(images, path, nrow=nrow)]
+    return save_images(images, path)
+
+
+@torch.no_grad()
+def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, steps, temperature,
+               update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device) -> list[Path]:
+    from ..sundae_lib import sample
+
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
+    prior, codec, dev, defaults = _setup(model, vqgan, device)
+    token_grid = tuple(prior.config.grid)
+    if grid:
+        try:
+            h, w = (int(v) for v in grid.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--grid {grid!r}: expected HxW in tokens, e.g. 16x16") from None
+        token_grid = (h, w)
+    kwargs = _sampler_kwargs(defaults, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
+    labels = _labels(klass, prior, num)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    images = []
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        lab = labels[start : start + b].to(dev) if labels is not None else None
+        tokens = sample(prior, batch_size=b, grid=token_grid, labels=lab, generator=gen, **kwargs)
+        images.append(codec.decode(tokens).float().cpu())
+    x = torch.cat(images)
+    nrow = prior.num_classes if (klass is None and prior.num_classes and num % prior.num_classes == 0) else None
+    return _write(x, out, nrow=nrow)
+
+
+def _load_image(path: str, channels: int, resize: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        img = im.convert("L" if channels == 1 else "RGB")
+    if resize:
+        w, h = img.size
+        s = resize / min(w, h)
+        img = img.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - resize) // 2, (h - resize) // 2
+        img = img.crop((left, top, left + resize, top + resize))
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def _pixel_mask(mask: str | None, box: str | None, size: tuple[int, int]) -> torch.Tensor:
+    """Float [H, W] in 0..1, 1 = regenerate."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = size
+    if box:
+        try:
+            x, y, bw, bh = (int(v) for v in box.split(","))
+        except ValueError:
+            raise ValueError(f"--box {box!r}: expected X,Y,W,H in pixels, e.g. 0,14,28,14") from None
+        if bw < 1 or bh < 1 or x < 0 or y < 0 or x >= w or y >= h:
+            raise ValueError(f"--box {box!r} lies outside the {w}x{h} image or is empty")
+        m = torch.zeros(h, w)
+        m[y : y + bh, x : x + bw] = 1.0
+        return m
+    with Image.open(mask) as im:
+        arr = np.asarray(im.convert("L"))
+    m = torch.from_numpy(arr.astype(np.float32) / 255.0)
+    if tuple(m.shape) != (h, w):
+        from ..sundae_lib.masks import resize_mask
+
+        m = resize_mask(m, (h, w))[0]
+    return m
+
+
+@torch.no_grad()
+def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, model, vqgan, seed, steps,
+                temperature, update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device) -> list[Path]:
+    from ..sundae_lib import PixelCodec, sample
+    from ..sundae_lib.masks import grow_token_mask, token_mask_from_pixels
+
+    prior, codec, dev, defaults = _setup(model, vqgan, device)
+    x = _load_image(image, int(codec.in_channels), resize).to(dev)
+    H, W = x.shape[-2:]
+    pm = _pixel_mask(mask, box, (H, W))
+    tokens = codec.encode(x)
+    grid = tuple(tokens.shape[-2:])
+    if isinstance(codec, PixelCodec):  # factor 1; channels interleaved along the width
+        tm = (pm >= 0.5)[None].repeat_interleave(codec.in_channels, dim=-1)
+        tm = grow_token_mask(tm, grow)
+    else:
+        tm = token_mask_from_pixels(pm, factor=codec.downsample_factor, grid=grid, rule=rule, grow=grow, image_size=(H, W))
+    tm = tm.to(dev)
+    if not tm.any():
+        raise ValueError("the mask covers no token: nothing to inpaint (white = regenerate)")
+    kwargs = _sampler_kwargs(defaults, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
+    labels = _labels(klass if klass is not None else "null", prior, num) if prior.num_classes else None
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    results = []
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        lab = labels[start : start + b].to(dev) if labels is not None else None
+        toks = sample(prior, batch_size=b, init_tokens=tokens, mask=tm, labels=lab, generator=gen, **kwargs)
+        results.append(codec.decode(toks)[..., :H, :W].float())
+    res = torch.cat(results)
+    pmd = pm.to(dev)
+    if composite:
+        res = x * (1 - pmd) + res * pmd
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        shown = (pmd * 2 - 1).expand_as(x[0])[None]
+        grid_images = torch.cat([x, shown, res]).cpu()
+        return _write(grid_images, out, nrow=len(grid_images))
+    return _write(res.cpu(), out)
+
+
+def environment_report() -> str:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    lines = [
+        f"comfyui-sundae {version('comfyui-sundae')}",
+        f"python         {platform.python_version()} ({platform.platform()})",
+        f"torch          {torch.__version__}",
+        f"cuda           {torch.version.cuda or 'none (CPU build)'} available={torch.cuda.is_available()}",
+        f"cudnn          {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'n/a'}",
+        f"einops         {version('einops')}",
+        f"safetensors    {version('safetensors')}",
+        f"numpy          {version('numpy')}",
+        f"click          {version('click')}",
+        f"cpu threads    {torch.get_num_threads()}",
+        f"cpu bf16       {'AMX/AVX512-bf16' if _cpu_bf16() else 'no native bf16 (fp32 is faster here)'}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(
+                f"cuda:{i}         {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}, "
+                f"bf16={'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+            )
+    else:
+        lines.append("devices        cpu")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        lines.append("mps            available")
+    return "\n".join(lines)
+
+
+def _cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
