@@ -1,0 +1,479 @@
+"""Unit tests of the ComfyUI nodes and the mask helpers, without ComfyUI (CPU, tiny models).
+
+ComfyUI services are replaced through ``nodes.comfy_adapter`` (interrupt check, progress bar,
+model folders); the models are tiny random ones built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS, comfy_adapter, loaders, sampler_node
+from comfyui_sundae.nodes.types import CodecHandle, PriorHandle, TokenBatch
+from comfyui_sundae.sundae_lib import (
+    VQGAN,
+    PixelCodec,
+    PriorConfig,
+    SundaePrior,
+    VQGANConfig,
+    save_prior,
+    save_vqgan,
+)
+from comfyui_sundae.sundae_lib.masks import grow_token_mask, resize_mask, token_mask_from_pixels
+
+CPU = torch.device("cpu")
+TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
+Encode, Decode = NODE_CLASS_MAPPINGS["SundaeEncode"], NODE_CLASS_MAPPINGS["SundaeDecode"]
+LatentMask, Sampler = NODE_CLASS_MAPPINGS["SundaeLatentMask"], NODE_CLASS_MAPPINGS["SundaeSampler"]
+LoadVQGAN, LoadPrior = NODE_CLASS_MAPPINGS["SundaeLoadVQGAN"], NODE_CLASS_MAPPINGS["SundaeLoadPrior"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vq():
+    torch.manual_seed(0)
+    cfg = VQGANConfig.preset("mnist-f4", ch=8, z_channels=8, embed_dim=8, norm_groups=4)  # f4, 256 codes
+    return CodecHandle(VQGAN(cfg).eval(), "vq-f4.safetensors", CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    torch.manual_seed(0)
+    model = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=10, **TINY)).eval()
+    return PriorHandle(model, "prior-vq.safetensors", CPU, torch.float32, codec="vqgan:factor=4", factor=4)
+
+
+@pytest.fixture(scope="module")
+def uncond_prior():
+    torch.manual_seed(1)
+    model = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=0, **TINY)).eval()
+    return PriorHandle(model, "uncond.safetensors", CPU, torch.float32)
+
+
+def run_sampler(prior, **kw):
+    args = dict(seed=0, steps=4, temperature_start=1.0, temperature_end=0.7, update_start=1.0, update_end=1.0,
+                early_stop=False, batch_size=1, class_label=-1, cfg_scale=1.0, strength=1.0, width=0, height=0)
+    args.update(kw)
+    with torch.inference_mode():
+        return Sampler().run(prior, **args)[0]
+
+
+def encode(codec, image):
+    with torch.inference_mode():
+        return Encode().encode(codec, image)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# mask helpers (hand-computed expectations)
+# --------------------------------------------------------------------------------------------
+
+
+def test_mask_rules_on_hand_made_cells():
+    m = torch.zeros(8, 8)
+    m[0, 0] = 1  # one pixel of the top-left 4x4 cell
+    m[0:4, 4:8] = 1  # the whole top-right cell
+    m[4:6, 4:8] = 1  # half of the bottom-right cell
+    any_ = token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="any")
+    all_ = token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="all")
+    cov_half = token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="coverage", threshold=0.5)
+    cov_tenth = token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="coverage", threshold=0.05)
+    assert any_.dtype == torch.bool and any_.shape == (1, 2, 2)
+    assert any_[0].tolist() == [[True, True], [False, True]]
+    assert all_[0].tolist() == [[False, True], [False, False]]
+    assert cov_half[0].tolist() == [[False, True], [False, True]]  # 8/16 >= 0.5
+    assert cov_tenth[0].tolist() == [[True, True], [False, True]]  # 1/16 >= 0.05
+    with pytest.raises(ValueError, match="rule 'most'"):
+        token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="most")
+    with pytest.raises(ValueError, match="threshold"):
+        token_mask_from_pixels(m, factor=4, grid=(2, 2), rule="coverage", threshold=0)
+
+
+def test_grow_is_a_square_dilation_in_tokens():
+    t = torch.zeros(1, 5, 5, dtype=torch.bool)
+    t[0, 2, 2] = True
+    g1 = grow_token_mask(t, 1)[0]
+    assert g1.sum() == 9 and g1[1:4, 1:4].all()
+    assert grow_token_mask(t, 2)[0].all()
+    assert torch.equal(grow_token_mask(t, 0), t)
+    m = torch.zeros(20, 20)
+    m[8:12, 8:12] = 1
+    grown = token_mask_from_pixels(m, factor=4, grid=(5, 5), grow=1)
+    assert grown[0].sum() == 9
+
+
+def test_any_size_mask_is_resized_and_loadimage_zero_mask_is_empty():
+    zero = torch.zeros(1, 64, 64)  # LoadImage without alpha, whatever the image size
+    assert not token_mask_from_pixels(zero, factor=4, grid=(7, 7), image_size=(28, 28)).any()
+    big = torch.zeros(56, 56)  # a 2x larger mask over the left half of a 28x28 image
+    big[:, :28] = 1
+    tm = token_mask_from_pixels(big, factor=4, grid=(7, 7), image_size=(28, 28), rule="all")
+    assert tm[0, :, :3].all() and not tm[0, :, 4:].any()
+    assert resize_mask(torch.ones(3, 10, 10, dtype=torch.bool), (4, 6)).shape == (3, 4, 6)
+
+
+def test_mask_follows_the_codec_padding_of_odd_sizes():
+    # a 30x30 image on a factor-4 codec is padded to 32x32 by repeating the edge: the mask too
+    m = torch.zeros(30, 30)
+    m[:, 28:] = 1  # the last two pixel columns
+    tm = token_mask_from_pixels(m, factor=4, grid=(8, 8), image_size=(30, 30), rule="all")
+    assert tm[0, :, 7].all(), "columns 28..31 are all masked once the edge is repeated"
+    assert not tm[0, :, :7].any()
+
+
+def test_latent_mask_node_broadcasts_batches(vq):
+    tokens = encode(vq, torch.rand(3, 28, 28, 3))
+    mask = torch.zeros(1, 28, 28)
+    mask[:, :8, :8] = 1
+    out = LatentMask().apply(tokens, mask, "any", 0.5, 0)[0]
+    assert out.mask.shape == (3, 7, 7) and out.mask[:, :2, :2].all() and out.mask.sum() == 12
+    assert out.tokens is tokens.tokens and tokens.mask is None  # input left as it was
+    one = encode(vq, torch.rand(1, 28, 28, 3))
+    two_masks = torch.zeros(2, 28, 28)
+    two_masks[1] = 1
+    out2 = LatentMask().apply(one, two_masks, "any", 0.5, 0)[0]
+    assert out2.tokens.shape[0] == 2 and torch.equal(out2.tokens[0], out2.tokens[1])
+    assert out2.mask[1].all() and not out2.mask[0].any()
+    with pytest.raises(ValueError, match=r"mask batch \(2\) and the tokens batch \(3\)"):
+        LatentMask().apply(tokens, two_masks, "any", 0.5, 0)
+    flat = LatentMask().apply(one, torch.ones(28, 28), "all", 0.5, 0)[0]  # a [H, W] mask
+    assert flat.mask.all()
+
+
+# --------------------------------------------------------------------------------------------
+# encode / decode
+# --------------------------------------------------------------------------------------------
+
+
+def test_pixel_codec_roundtrip_is_exact_and_grey_is_the_rgb_mean():
+    codec = CodecHandle(PixelCodec(256), "pixels (256 levels, grey)", CPU, torch.float32)
+    levels = torch.arange(256, dtype=torch.float32).reshape(1, 16, 16) / 255.0
+    image = levels[..., None].expand(1, 16, 16, 3).contiguous()
+    tb = encode(codec, image)
+    assert torch.equal(tb.tokens[0], torch.arange(256).reshape(16, 16))  # level k -> token k
+    red = torch.zeros(1, 2, 2, 3)
+    red[..., 0] = 1.0  # mean of (1, 0, 0) = 1/3 -> level round(255 / 3) = 85
+    assert encode(codec, red).tokens.unique().tolist() == [85]
+    with torch.inference_mode():
+        img = Decode().decode(codec, tb, 0)[0]
+    assert img.shape == (1, 16, 16, 3) and img.dtype == torch.float32 and img.device == CPU
+    assert torch.allclose(img, image, atol=1e-6)
+
+
+def test_vqgan_encode_decode_odd_size_crops_back(vq):
+    tb = encode(vq, torch.rand(2, 30, 26, 3))
+    assert tb.grid == (8, 7) and tb.image_size == (30, 26) and tb.factor == 4 and tb.mask is None
+    assert tb.tokens.dtype == torch.int64 and tb.tokens.device == CPU
+    with torch.inference_mode():
+        img = Decode().decode(vq, tb, 0)[0]
+        tiled = Decode().decode(vq, tb, 16)[0]
+    assert img.shape == tiled.shape == (2, 30, 26, 3)
+    assert img.min() >= 0 and img.max() <= 1 and torch.isfinite(tiled).all()
+
+
+class _FakeCodec(torch.nn.Module):
+    """Decodes zeros; runs out of memory unless the tile is at most ``fits`` tokens."""
+
+    downsample_factor, codebook_size, in_channels = 4, 8, 3
+
+    def __init__(self, fits, error=None):
+        super().__init__()
+        self.fits, self.error, self.calls = fits, error, []
+
+    def decode(self, tokens, tile=None):
+        self.calls.append(tile)
+        if self.error is not None:
+            raise self.error
+        if tile is None or tile > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        b, h, w = tokens.shape
+        return torch.zeros(b, 3, h * 4, w * 4)
+
+
+def test_decode_halves_the_tile_on_out_of_memory():
+    tokens = TokenBatch(torch.zeros(1, 64, 64, dtype=torch.long), None, 4)  # 256 px
+    fake = _FakeCodec(fits=16)
+    img = Decode().decode(CodecHandle(fake, "fake", CPU, torch.float32), tokens, 0)[0]
+    assert img.shape == (1, 256, 256, 3)
+    assert fake.calls == [None, 32, 16]  # whole image, 128 px tiles, 64 px tiles
+    never = _FakeCodec(fits=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        Decode().decode(CodecHandle(never, "fake", CPU, torch.float32), tokens, 0)
+    assert never.calls == [None, 32, 16]  # gives up below 64 px
+    broken = _FakeCodec(fits=64, error=RuntimeError("not memory"))
+    with pytest.raises(RuntimeError, match="not memory"):
+        Decode().decode(CodecHandle(broken, "fake", CPU, torch.float32), tokens, 0)
+    assert broken.calls == [None]  # other errors are not retried
+
+
+def test_decode_rejects_tokens_of_another_codec(vq):
+    small = CodecHandle(PixelCodec(16), "pixels (16 levels, grey)", CPU, torch.float32)
+    tb = TokenBatch(torch.full((1, 4, 4), 200, dtype=torch.long), None, 1)
+    with pytest.raises(ValueError, match="the tokens use code 200 but the VQ-GAN 'pixels \\(16 levels, grey\\)' has only 16 codes"):
+        Decode().decode(small, tb, 0)
+    with pytest.raises(ValueError, match="factor-1 codec but the VQ-GAN 'vq-f4.safetensors' has factor 4"):
+        Decode().decode(vq, tb, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# sampler
+# --------------------------------------------------------------------------------------------
+
+
+def test_codebook_mismatch_names_both_files(prior):
+    cfg = VQGANConfig.preset("tiny")  # 32 codes
+    other = CodecHandle(VQGAN(cfg).eval(), "other-vq.safetensors", CPU, torch.float32)
+    with pytest.raises(ValueError) as err:
+        run_sampler(prior, vqgan=other)
+    msg = str(err.value)
+    assert "prior 'prior-vq.safetensors' has 256 codes but the VQ-GAN 'other-vq.safetensors' has 32" in msg
+    assert "load the VQ-GAN the prior was trained on" in msg
+
+
+def test_class_label_errors(prior, uncond_prior):
+    with pytest.raises(ValueError, match=r"class_label 10 is out of range.*10 classes.*0\.\.9"):
+        run_sampler(prior, class_label=10)
+    with pytest.raises(ValueError, match="unconditional.*set class_label to -1"):
+        run_sampler(uncond_prior, class_label=3)
+    no_null = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=10, null_class=False,
+                                      class_dropout=0.0, **TINY)).eval()
+    with pytest.raises(ValueError, match=r"no null class.*0\.\.9"):
+        run_sampler(PriorHandle(no_null, "nonull", CPU, torch.float32), class_label=-1)
+    assert run_sampler(prior, class_label=9, cfg_scale=2.0).tokens.shape == (1, 7, 7)
+
+
+def test_empty_mask_returns_input_without_sampling(vq, prior, monkeypatch):
+    tokens = encode(vq, torch.rand(1, 28, 28, 3))
+    masked = LatentMask().apply(tokens, torch.zeros(1, 64, 64), "any", 0.5, 0)[0]  # LoadImage, no alpha
+    assert not masked.mask.any()
+
+    def boom(*a, **k):
+        raise AssertionError("the sampler must not run for an empty mask")
+
+    monkeypatch.setattr(sampler_node.sundae_lib, "sample", boom)
+    out = run_sampler(prior, tokens=masked, vqgan=vq)
+    assert torch.equal(out.tokens, tokens.tokens) and out.image_size == (28, 28)
+    out3 = run_sampler(prior, tokens=masked, batch_size=3)
+    assert out3.tokens.shape == (3, 7, 7) and (out3.tokens == tokens.tokens).all()
+
+
+def test_inpainting_keeps_unmasked_tokens_for_every_sample(vq, prior):
+    tokens = encode(vq, torch.rand(2, 28, 28, 3))
+    mask = torch.zeros(2, 28, 28)
+    mask[:, 8:20, 8:20] = 1
+    masked = LatentMask().apply(tokens, mask, "any", 0.5, 0)[0]
+    out = run_sampler(prior, tokens=masked, batch_size=3, seed=3)
+    keep = ~masked.mask.repeat_interleave(3, 0)
+    want = tokens.tokens.repeat_interleave(3, 0)
+    assert out.tokens.shape == (6, 7, 7)
+    assert torch.equal(out.tokens[keep], want[keep])
+    assert not torch.equal(out.tokens[~keep], want[~keep])  # 9 random tokens x 6 all equal: ~impossible
+
+
+def test_seed_is_reproducible(prior):
+    a, b, c = (run_sampler(prior, seed=s, batch_size=2).tokens for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_size_is_rounded_to_the_codec_factor(prior, vq, caplog):
+    caplog.set_level("INFO", logger=sampler_node.__name__)
+    out = run_sampler(prior, vqgan=vq, width=30, height=21)
+    assert out.grid == (5, 8) and out.factor == 4  # 21/4 = 5.25 -> 5, 30/4 = 7.5 -> 8
+    assert "generating 32x20 px (8x5 tokens, factor 4)" in caplog.text
+    assert run_sampler(prior, width=0, height=0).grid == (7, 7)  # the trained grid
+    assert run_sampler(prior, width=44).grid == (7, 11)  # factor from the prior's metadata
+    unknown = dataclasses.replace(prior, factor=None, codec=None)
+    with pytest.raises(ValueError, match="connect the VQ-GAN"):
+        run_sampler(unknown, width=64, height=64)
+    tokens = run_sampler(unknown)
+    assert tokens.factor is None
+    with torch.inference_mode():
+        assert Decode().decode(vq, tokens, 0)[0].shape == (1, 28, 28, 3)  # takes the codec's factor
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_cancel_stops_within_one_step(prior, monkeypatch):
+    state = {"forwards": 0, "interrupt": False}
+
+    def check():
+        if state["interrupt"]:
+            raise _Interrupted()
+
+    def count(_module, _args, _out):
+        state["forwards"] += 1
+        if state["forwards"] == 3:
+            state["interrupt"] = True  # the user presses Cancel during the third step
+
+    monkeypatch.setattr(comfy_adapter, "throw_if_interrupted", check)
+    handle = prior.model.register_forward_hook(count)
+    try:
+        with pytest.raises(_Interrupted):
+            run_sampler(prior, steps=50)
+        assert state["forwards"] == 3, "no model call may start after the interrupt"
+        state.update(forwards=0, interrupt=True)
+        with pytest.raises(_Interrupted):
+            run_sampler(prior, steps=50)
+        assert state["forwards"] == 0
+    finally:
+        handle.remove()
+
+
+class _Bar:
+    def __init__(self, total):
+        self.total, self.updates = total, []
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.updates.append((value, total, preview))
+
+
+def test_previews_are_throttled_to_about_once_a_second(prior, vq, monkeypatch):
+    t = {"now": 0.0}
+    bars = []
+    monkeypatch.setattr(sampler_node, "clock", lambda: t["now"])
+    monkeypatch.setattr(comfy_adapter, "progress_bar", lambda total: bars.append(_Bar(total)) or bars[-1])
+
+    def tick(*_):
+        t["now"] += 0.25  # every model call takes a quarter of a second
+
+    handle = prior.model.register_forward_hook(tick)
+    try:
+        run_sampler(prior, steps=20, vqgan=vq)
+        run_sampler(prior, steps=8)  # no VQ-GAN: progress without previews
+    finally:
+        handle.remove()
+    with_vq, without = bars
+    steps = [u for u in with_vq.updates if u[2] is not None]
+    assert [u[0] for u in steps] == [1, 5, 9, 13, 17]
+    fmt, pil, size = steps[0][2]
+    assert fmt == "JPEG" and size == 512 and pil.size == (28, 28) and pil.mode == "RGB"
+    assert [u[0] for u in with_vq.updates] == list(range(1, 21)) + [20]
+    assert all(u[2] is None for u in without.updates) and len(without.updates) == 9
+
+
+def test_nodes_keep_no_state_and_inputs_stay_untouched(prior, vq):
+    before = {k: v.clone() for k, v in prior.model.state_dict().items()}
+    tokens = encode(vq, torch.rand(1, 28, 28, 3))
+    kept = tokens.tokens.clone()
+    class_dicts = {name: dict(vars(cls)) for name, cls in NODE_CLASS_MAPPINGS.items()}
+    sampler = Sampler()
+    with torch.inference_mode():
+        sampler.run(prior, 0, 3, 1.0, 0.7, 1.0, 1.0, False, 2, 1, 1.5, 0.5, 0, 0, tokens=tokens, vqgan=vq)
+    assert vars(sampler) == {}
+    assert torch.equal(tokens.tokens, kept)
+    assert all(torch.equal(v, prior.model.state_dict()[k]) for k, v in before.items())
+    assert {name: dict(vars(cls)) for name, cls in NODE_CLASS_MAPPINGS.items()} == class_dicts
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tokens.mask = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prior.model = None
+
+
+def test_token_batch_validates():
+    with pytest.raises(ValueError, match="int64"):
+        TokenBatch(torch.zeros(1, 2, 2), None, 4)
+    with pytest.raises(ValueError, match="bool tensor shaped like the tokens"):
+        TokenBatch(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 3, 3, dtype=torch.bool), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# loaders
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_dirs(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_adapter, "_fallback_folders", {"vqgan": [str(tmp_path / "vqgan")],
+                                                             "sundae": [str(tmp_path / "sundae")]})
+    (tmp_path / "vqgan").mkdir()
+    (tmp_path / "sundae").mkdir()
+    return tmp_path
+
+
+def test_vqgan_dropdown_lists_files_diffusers_folders_and_pixel_codecs(model_dirs):
+    save_vqgan(VQGAN(VQGANConfig.preset("tiny")), model_dirs / "vqgan" / "tiny.safetensors")
+    dvq = model_dirs / "vqgan" / "my-vqmodel"
+    dvq.mkdir()
+    (dvq / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    (dvq / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    other = model_dirs / "vqgan" / "sub"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (other / "x.ckpt").write_bytes(b"")
+    (model_dirs / "vqgan" / "notes.txt").write_text("not a model")
+    names = LoadVQGAN.INPUT_TYPES()["required"]["vqgan_name"][0]
+    assert names[:3] == ["my-vqmodel/", "sub/x.ckpt", "tiny.safetensors"]
+    assert names[3:] == [f"pixels ({n} levels, grey)" for n in (256, 128, 64, 32, 16, 8, 4, 2)]
+    assert comfy_adapter.resolve_model_path("vqgan", "my-vqmodel/") == dvq
+
+
+def test_load_vqgan_file_and_pixel_codec(model_dirs):
+    save_vqgan(VQGAN(VQGANConfig.preset("tiny")), model_dirs / "vqgan" / "tiny.safetensors")
+    (h,) = LoadVQGAN().load("tiny.safetensors", "auto")
+    assert isinstance(h, CodecHandle) and h.factor == 2 and h.codebook_size == 32 and h.dtype == torch.float32
+    assert not any(p.requires_grad for p in h.model.parameters()) and not h.model.training
+    (h16,) = LoadVQGAN().load("pixels (16 levels, grey)", "auto")
+    assert h16.codebook_size == 16 and h16.factor == 1 and h16.in_channels == 1
+    (hb,) = LoadVQGAN().load("tiny.safetensors", "bf16")
+    assert next(hb.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="'missing.safetensors' was not found in the 'vqgan' model folders"):
+        LoadVQGAN().load("missing.safetensors", "auto")
+
+
+def test_is_changed_follows_the_file(model_dirs):
+    path = model_dirs / "sundae" / "p.safetensors"
+    model = SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), **TINY))
+    save_prior(model, path, metadata={"sundae.codec": "pixel:levels=16,channels=1"})
+    first = LoadPrior.IS_CHANGED("p.safetensors", "auto")
+    assert first == LoadPrior.IS_CHANGED("p.safetensors", "auto")
+    save_prior(SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), num_classes=3, **TINY)), path)
+    assert LoadPrior.IS_CHANGED("p.safetensors", "auto") != first
+    assert LoadPrior.IS_CHANGED("p.safetensors", "fp32") != LoadPrior.IS_CHANGED("p.safetensors", "auto")
+    assert LoadVQGAN.IS_CHANGED("pixels (8 levels, grey)", "auto") == LoadVQGAN.IS_CHANGED("pixels (8 levels, grey)", "auto")
+
+
+def test_load_prior_reads_codec_metadata(model_dirs):
+    model = SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), num_classes=3, **TINY))
+    save_prior(model, model_dirs / "sundae" / "pix.safetensors", metadata={"sundae.codec": "pixel:levels=16,channels=1"})
+    assert LoadPrior.INPUT_TYPES()["required"]["prior_name"][0] == ["pix.safetensors"]
+    (h,) = LoadPrior().load("pix.safetensors", "fp32")
+    assert isinstance(h, PriorHandle) and h.codebook_size == 16 and h.factor == 1
+    assert h.codec == "pixel:levels=16,channels=1"
+    assert loaders.factor_from_codec_metadata("vqgan:file=x.safetensors,factor=8") == 8
+    assert loaders.factor_from_codec_metadata("vqgan:file=x.safetensors") is None
+    assert loaders.factor_from_codec_metadata(None) is None
+
+
+def test_auto_dtype_is_fp32_on_cpu():
+    assert comfy_adapter.pick_dtype("auto", CPU) == torch.float32
+    assert comfy_adapter.pick_dtype("fp16", CPU) == torch.float16
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        comfy_adapter.pick_dtype("fp8", CPU)
+
+
+def test_load_diffusers_vqmodel_folder(model_dirs):
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+        layers_per_block=1, latent_channels=4, num_vq_embeddings=24, vq_embed_dim=4, norm_num_groups=4,
+        sample_size=16,
+    )
+    model.save_pretrained(model_dirs / "vqgan" / "tiny-diffusers")
+    names = LoadVQGAN.INPUT_TYPES()["required"]["vqgan_name"][0]
+    assert "tiny-diffusers/" in names and not any(n.startswith("tiny-diffusers/diffusion") for n in names)
+    (h,) = LoadVQGAN().load("tiny-diffusers/", "auto")
+    assert h.codebook_size == 24 and h.factor == 2
+    tb = encode(h, torch.rand(1, 16, 16, 3))
+    assert tb.grid == (8, 8) and int(tb.tokens.max()) < 24
