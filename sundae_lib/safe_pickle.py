@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ class _DictStandIn(InertStandIn):
 
 
 _STANDIN_CACHE: dict[str, type] = {}
+# torch's safe_globals context edits one process-wide set; serialise our scoped loads so that one
+# load leaving its context cannot remove entries another load still needs
+_LOAD_LOCK = threading.Lock()
 
 
 def is_inert_name(name: str) -> bool:
@@ -200,7 +204,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "load_vqgan") -> Any
     for _ in range(_MAX_ROUNDS):
         allow = [(stand_in(n), n) for n in sorted(needed)]
         try:
-            with torch.serialization.safe_globals(allow):
+            with _LOAD_LOCK, torch.serialization.safe_globals(allow):
                 return torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             name, blocked = _name_from_error(str(exc))

@@ -460,7 +460,7 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
             expected[name] = (f"{where}.{name}", params[name])
     expected["mid_attention"] = (f"{where}.ddconfig.attn_type", attn_type != "none")
     if target:
-        expected["quantizer"] = (f"{target} (target)", "gumbel" if "Gumbel" in target else "vq")
+        expected["quantizer"] = (f"{where.removesuffix('.params')}.target", "gumbel" if "Gumbel" in target else "vq")
     has_remap = params.get("remap") is not None
     if has_remap != (fields["remap_used"] > 0):
         raise ValueError(
@@ -564,7 +564,12 @@ def _fetch_hf(source: str) -> Path:
         except FileNotFoundError as exc:
             first_error = first_error or exc
             continue
-        check_diffusers_config(json.loads(cfg_path.read_text(encoding="utf-8")), cfg_path)
+        try:  # refuse MoVQ / AutoencoderKL / ... before downloading their weights
+            data = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None  # reported with its path by the folder loader
+        if data is not None:
+            check_diffusers_config(data, cfg_path)
         for name in DIFFUSERS_WEIGHTS:
             try:
                 hf_download(repo_id, f"{folder}/{name}".lstrip("/"), source=source)

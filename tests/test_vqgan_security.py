@@ -1,0 +1,184 @@
+"""load_vqgan never runs code from a checkpoint.
+
+Each malicious file is first shown to be live: a control copy (writing a different marker) is
+unpickled with ``torch.load(weights_only=False)`` and its marker appears. The same payload given
+to ``load_vqgan`` must either be refused with an error naming the global, or (for names under
+the inert Lightning / omegaconf / pathlib prefixes) be absorbed by an inert stand-in; in both
+cases the marker file must not exist afterwards.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import types
+
+import pytest
+import torch
+from comfyui_sundae.sundae_lib import VQGAN, VQGANConfig, load_vqgan
+from comfyui_sundae.sundae_lib.safe_pickle import (
+    InertStandIn,
+    UnsafeCheckpointError,
+    is_inert_name,
+    safe_torch_load,
+    stand_in,
+)
+
+# the crafted pickles declare protocol 4 on purpose; torch warns about that
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _placeholder(*args):  # pickled by reference, then its GLOBAL bytes are swapped
+    raise AssertionError("the placeholder must never be called")
+
+
+class _Reduce:
+    """An object whose unpickling calls ``func(*args)``."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _swap_pickle_module(swaps: dict[bytes, bytes], *, protocol4_header: bool) -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.save`` that rewrites GLOBAL opcodes in the main pickle
+    (e.g. to a dotted name like ``pathlib Path.write_text``, which the standard pickler would
+    never emit) and can mark the pickle as protocol 4, under which a real unpickler resolves
+    dotted names attribute by attribute."""
+
+    class SwapPickler(pickle.Pickler):
+        def __init__(self, file, protocol=None, **kwargs):
+            self._out, self._buf = file, io.BytesIO()
+            super().__init__(self._buf, protocol=protocol, **kwargs)
+
+        def dump(self, obj):
+            super().dump(obj)
+            data = self._buf.getvalue()
+            for old, new in swaps.items():
+                assert old in data
+                data = data.replace(old, new)
+            if protocol4_header:
+                assert data[:2] == b"\x80\x02"
+                data = b"\x80\x04" + data[2:]
+            self._out.write(data)
+
+    module = types.ModuleType("swap_pickle")
+    module.Pickler, module.dump, module.load, module.Unpickler = SwapPickler, pickle.dump, pickle.load, pickle.Unpickler
+    return module
+
+
+def _tiny_state_dict():
+    return VQGAN(VQGANConfig.preset("tiny")).state_dict()
+
+
+PAYLOADS = ("os.system", "builtins.exec", "subprocess.call", "pathlib.Path.write_text", "pathlib.os.system")
+# the name the pickle references (protocol 2 writes subprocess.call under its Python 2 name)
+REFUSED = {"os.system": "'posix.system'", "builtins.exec": "'builtins.exec'", "subprocess.call": "'(commands|subprocess).call'"}
+
+
+def _craft(path: pathlib.Path, kind: str, marker: pathlib.Path, *, zip_format: bool) -> None:
+    """A Lightning-looking checkpoint (valid VQ weights under ``state_dict``) whose unpickling
+    creates ``marker`` when code from the file runs."""
+    placeholder = f"c{_placeholder.__module__}\n_placeholder\n".encode()
+    swaps, proto4 = {}, False
+    if kind == "os.system":
+        evil = _Reduce(os.system, (f"touch {marker}",))
+    elif kind == "builtins.exec":
+        evil = _Reduce(builtins.exec, (f"open({str(marker)!r}, 'w').write('pwned')",))
+    elif kind == "subprocess.call":
+        evil = _Reduce(subprocess.call, (["touch", str(marker)],))
+    elif kind == "pathlib.Path.write_text":  # Path.write_text(PosixPath(marker), "pwned")
+        evil = _Reduce(_placeholder, (pathlib.PosixPath(marker), "pwned"))
+        swaps, proto4 = {placeholder: b"cpathlib\nPath.write_text\n"}, True
+    elif kind == "pathlib.os.system":  # pathlib imports os: a dotted name reaching os.system
+        evil = _Reduce(_placeholder, (f"touch {marker}",))
+        swaps, proto4 = {placeholder: b"cpathlib\nos.system\n"}, True
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    payload = {"state_dict": _tiny_state_dict(), "callbacks": {"x": evil}, "epoch": 1}
+    module = _swap_pickle_module(swaps, protocol4_header=proto4) if swaps else pickle
+    torch.save(payload, path, pickle_module=module, _use_new_zipfile_serialization=zip_format)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_malicious_checkpoint_runs_nothing(tmp_path, kind, zip_format):
+    # control: the payload is live when unpickled the unsafe way
+    control_marker = tmp_path / "control_pwned"
+    _craft(tmp_path / "control.ckpt", kind, control_marker, zip_format=zip_format)
+    torch.load(tmp_path / "control.ckpt", weights_only=False)
+    assert control_marker.exists(), "the crafted payload did not run in the control"
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    _craft(path, kind, marker, zip_format=zip_format)
+    safe_before = set(map(str, torch.serialization.get_safe_globals()))
+    if kind in REFUSED:
+        with pytest.raises(UnsafeCheckpointError, match=rf"{REFUSED[kind]}.*nothing from the file was executed.*safetensors") as info:
+            load_vqgan(path, config=VQGANConfig.preset("tiny"))
+        assert str(path) in str(info.value)
+    else:  # the name lies under an inert prefix: answered by an inert stand-in, never the real object
+        model = load_vqgan(path, config=VQGANConfig.preset("tiny"))
+        assert isinstance(model, VQGAN)
+    assert not marker.exists(), f"{kind}: code from the checkpoint ran"
+    assert set(map(str, torch.serialization.get_safe_globals())) == safe_before
+
+
+def test_stand_ins_are_inert():
+    for name in ("pathlib.Path", "pathlib.PosixPath", "pathlib.Path.write_text", "pathlib.os.system"):
+        cls = stand_in(name)
+        assert issubclass(cls, InertStandIn)
+        assert f"{cls.__module__}.{cls.__qualname__}" == name
+        assert cls is not pathlib.Path and not issubclass(cls, pathlib.PurePath)
+        obj = cls("/tmp/x", "data", mode="w")
+        assert not hasattr(obj, "write_text") and not hasattr(obj, "open")
+        obj.__setstate__({"anything": 1})
+        assert stand_in(name) is cls  # one class per name
+    attr_dict = stand_in("pytorch_lightning.utilities.parsing.AttributeDict")
+    assert type(attr_dict.__new__(attr_dict)) is dict  # filled by SETITEMS, must be a plain dict
+    for name in ("os.system", "posix.system", "builtins.eval", "builtins.getattr", "subprocess.Popen", "torch.nn.modules.conv.Conv2d", "numpy.load"):
+        assert not is_inert_name(name)
+        with pytest.raises(UnsafeCheckpointError):
+            stand_in(name)
+    for name in ("omegaconf.dictconfig.DictConfig", "typing.Any", "numpy._core.multiarray.scalar", "numpy.dtypes.Float64DType", "_codecs.encode", "lightning_fabric.utilities.data.AttributeDict"):
+        assert is_inert_name(name)
+
+
+def test_malicious_bin_in_diffusers_folder(tmp_path):
+    folder = tmp_path / "vqvae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "block_out_channels": [8, 16]}))
+    marker = tmp_path / "pwned"
+    _craft(folder / "diffusion_pytorch_model.bin", "os.system", marker, zip_format=True)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        load_vqgan(tmp_path)  # pipeline root -> vqvae/
+    assert not marker.exists()
+
+
+def test_unknown_class_is_refused_not_stood_in(tmp_path):
+    # a pickled nn.Module is not inert data: refuse it with its name, do not try to rebuild it
+    torch.save({"state_dict": torch.nn.Conv2d(1, 1, 1)}, tmp_path / "module.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match=r"torch\.nn\.modules\.conv\.Conv2d"):
+        load_vqgan(tmp_path / "module.ckpt")
+
+
+def test_safe_torch_load_plain_weights(tmp_path):
+    weights = {"a": torch.arange(4.0), "b": {"c": torch.ones(2, dtype=torch.int64)}}
+    torch.save(weights, tmp_path / "w.pt")
+    loaded = safe_torch_load(tmp_path / "w.pt")
+    assert torch.equal(loaded["a"], weights["a"]) and torch.equal(loaded["b"]["c"], weights["b"]["c"])
