@@ -3,7 +3,7 @@
 ``SundaePrior(config)(tokens [b, h, w] int64, labels [b] | None) -> logits [b, h, w, k]``,
 non-causal, for any grid ``h × w`` (square or not, odd or even). Architecture after
 McKinney & Willcocks 2022 (official code: ``vvvm23/sundae-vqgan``) with its bugs fixed
-(see ``/reference/official-sundae.md`` §10):
+(the design reference "official-sundae.md", §10, lists them as B1–B18):
 
     token embedding (+ class embedding, added at every position)
     body = Stack(depth)                          # int depth: a flat transformer
