@@ -94,7 +94,8 @@ class SundaeSampler:
             )
             init = mask = None
 
-        generator = torch.Generator(device=prior.device).manual_seed(int(seed))
+        # a CPU generator: the same seed gives the same images on every device
+        generator = torch.Generator().manual_seed(int(seed))
         callback = _Progress(steps, vqgan, out)
         result = sundae_lib.sample(
             prior.model, batch_size=out.batch_size, grid=grid, steps=steps,
