@@ -102,6 +102,7 @@ class SundaeLoadVQGAN:
         pixel = parse_pixel_codec_entry(vqgan_name)
         if pixel is not None:
             model = sundae_lib.PixelCodec(levels=pixel[0], channels=pixel[1])
+            dtype = "fp32"  # no weights to halve; half precision would misround grey levels
         else:
             path = comfy.resolve_model_path("vqgan", vqgan_name)
             model = sundae_lib.load_vqgan(str(path))

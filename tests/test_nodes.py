@@ -423,8 +423,9 @@ def test_load_vqgan_file_and_pixel_codec(model_dirs):
     (h,) = LoadVQGAN().load("tiny.safetensors", "auto")
     assert isinstance(h, CodecHandle) and h.factor == 2 and h.codebook_size == 32 and h.dtype == torch.float32
     assert not any(p.requires_grad for p in h.model.parameters()) and not h.model.training
-    (h16,) = LoadVQGAN().load("pixels (16 levels, grey)", "auto")
+    (h16,) = LoadVQGAN().load("pixels (16 levels, grey)", "bf16")
     assert h16.codebook_size == 16 and h16.factor == 1 and h16.in_channels == 1
+    assert h16.dtype == torch.float32  # pixel codecs stay exact
     (hb,) = LoadVQGAN().load("tiny.safetensors", "bf16")
     assert next(hb.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="'missing.safetensors' was not found in the 'vqgan' model folders"):
