@@ -58,7 +58,20 @@ INERT_NAMES: frozenset[str] = frozenset(
         "argparse.Namespace",
         *(
             f"builtins.{t}"
-            for t in ("list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bool", "bytes", "slice", "object")
+            for t in (
+                "list",
+                "dict",
+                "tuple",
+                "set",
+                "frozenset",
+                "int",
+                "float",
+                "str",
+                "bool",
+                "bytes",
+                "slice",
+                "object",
+            )
         ),
     }
 )
@@ -126,10 +139,15 @@ def stand_in(name: str) -> type:
     if cls is None:
         module, _, qualname = name.rpartition(".")
         dict_like = name in _DICT_LIKE_NAMES or (
-            name.endswith(_DICT_LIKE_SUFFIXES) and name.startswith(("pytorch_lightning.", "lightning.", "lightning_fabric."))
+            name.endswith(_DICT_LIKE_SUFFIXES)
+            and name.startswith(("pytorch_lightning.", "lightning.", "lightning_fabric."))
         )
         base = _DictStandIn if dict_like else InertStandIn
-        cls = type(qualname, (base,), {"__module__": module, "__qualname__": qualname, "__sundae_name__": name})
+        cls = type(
+            qualname,
+            (base,),
+            {"__module__": module, "__qualname__": qualname, "__sundae_name__": name},
+        )
         _STANDIN_CACHE[name] = cls
     return cls
 
@@ -216,7 +234,9 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "load_vqgan") -> Any
                 raise _corrupt(path, what, fmt, exc) from exc
             logger.debug("%s: standing in for %s", path.name, name)
             needed.add(name)
-    raise ValueError(f"{what}: {str(path)!r} references more than {_MAX_ROUNDS} distinct globals; refusing it")
+    raise ValueError(
+        f"{what}: {str(path)!r} references more than {_MAX_ROUNDS} distinct globals; refusing it"
+    )
 
 
 def _check_names(path: Path, names: Iterable[str], what: str) -> None:

@@ -39,21 +39,22 @@ import torch
 
 from ._helpers import (
     META_MODEL_TYPE,
-    hf_download,
     is_hf_source,
     load_safetensors,
     load_state_dict_strict,
-    parse_hf_source,
     read_safetensors_metadata,
 )
 from .safe_pickle import safe_torch_load
 from .vqgan import VQGAN, VQGANConfig, load_vqgan_native
-from .vqgan_diffusers import (
+from .vqgan_formats import (
     DIFFUSERS_WEIGHTS,
     JSON_NAMES,
     NOMINAL_RESOLUTION,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
     check_diffusers_config,
     diffusers_to_taming,
+    fetch_hf,
     fields_from_diffusers_config,
     find_vqmodel_folder,
     flax_message,
@@ -63,8 +64,6 @@ __all__ = ["load_vqgan", "diffusers_to_taming", "infer_vqgan_config"]
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".th")
 KEEP_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 # EMA statistics of taming's EMAVectorQuantizer and VQ-Diffusion's quantizer: training state
 EMA_QUANTIZER_KEYS = (
@@ -81,7 +80,9 @@ _FORMATS = (
 )
 
 
-def load_vqgan(source: str | os.PathLike, *, config: VQGANConfig | Mapping[str, Any] | None = None) -> VQGAN:
+def load_vqgan(
+    source: str | os.PathLike, *, config: VQGANConfig | Mapping[str, Any] | None = None
+) -> VQGAN:
     """Load a VQ-GAN from any supported source (module docstring) as a native ``VQGAN`` in eval
     mode on the CPU (fp32). ``encode(x [b, c, H, W] in [-1, 1]) -> tokens [b, h, w]`` then gives
     the same ids as the original implementation (taming / diffusers).
@@ -95,11 +96,13 @@ def load_vqgan(source: str | os.PathLike, *, config: VQGANConfig | Mapping[str, 
             f"{type(config).__name__}"
         )
     if isinstance(source, str) and is_hf_source(source):
-        path = _fetch_hf(source)
+        path = fetch_hf(source)
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"load_vqgan: {str(path)!r} does not exist; expected {_FORMATS}")
+            raise FileNotFoundError(
+                f"load_vqgan: {str(path)!r} does not exist; expected {_FORMATS}"
+            )
     return _load_path(path, config).eval()
 
 
@@ -110,10 +113,14 @@ def _load_path(path: Path, config: Any) -> VQGAN:
     if suffix in SAFETENSORS_SUFFIXES:
         if META_MODEL_TYPE in read_safetensors_metadata(path):
             return _load_native(path, config)
-        return _from_state_dict(load_safetensors(path), path, config, fmt="safetensors without sundae metadata")
+        return _from_state_dict(
+            load_safetensors(path), path, config, fmt="safetensors without sundae metadata"
+        )
     if suffix in PICKLE_SUFFIXES:
         obj = safe_torch_load(path, what="load_vqgan")
-        return _from_state_dict(_unwrap_container(obj, path), path, config, fmt=f"PyTorch {suffix} checkpoint")
+        return _from_state_dict(
+            _unwrap_container(obj, path), path, config, fmt=f"PyTorch {suffix} checkpoint"
+        )
     if suffix == ".msgpack":
         raise ValueError(flax_message(path))
     if suffix in (".yaml", ".yml", ".json"):
@@ -198,7 +205,7 @@ def _strip_wrapper_prefix(sd: dict[str, Any]) -> dict[str, Any]:
     """Remove a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix shared by every key."""
     for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -210,7 +217,11 @@ def _select_vq_tensors(sd: Mapping[str, Any], origin: str, fmt: str) -> dict[str
             f"load_vqgan: {origin} ({fmt}) uses the unleashing-transformers VQGAN layout "
             "(encoder.blocks.N / generator.blocks.N), a different architecture that cannot be loaded"
         )
-    first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    first_stage = {
+        k[len("first_stage_model.") :]: v
+        for k, v in sd.items()
+        if k.startswith("first_stage_model.")
+    }
     if first_stage:
         logger.info("load_vqgan: %s: combined checkpoint, using its first_stage_model", origin)
         sd = first_stage
@@ -226,7 +237,9 @@ def _select_vq_tensors(sd: Mapping[str, Any], origin: str, fmt: str) -> dict[str
         )
     bad = sorted(k for k, v in kept.items() if not isinstance(v, torch.Tensor))
     if bad:
-        raise ValueError(f"load_vqgan: {origin}: entries {bad[:8]} are not tensors; the file is not a VQ-GAN state dict")
+        raise ValueError(
+            f"load_vqgan: {origin}: entries {bad[:8]} are not tensors; the file is not a VQ-GAN state dict"
+        )
     return kept
 
 
@@ -244,12 +257,18 @@ def _refuse_foreign(sd: Mapping[str, torch.Tensor], origin: str, fmt: str) -> No
             "linear, to_qkv/to_out keys), which has no taming equivalent; use a vanilla-attention model"
         )
     if not any(k.startswith("quantize.") for k in keys):
-        kl = "quant_conv.weight" in sd and "post_quant_conv.weight" in sd and (
-            sd["quant_conv.weight"].shape[0] == 2 * sd["post_quant_conv.weight"].shape[1]
+        kl = (
+            "quant_conv.weight" in sd
+            and "post_quant_conv.weight" in sd
+            and (sd["quant_conv.weight"].shape[0] == 2 * sd["post_quant_conv.weight"].shape[1])
         )
         raise ValueError(
             f"load_vqgan: {origin} ({fmt}) has no quantizer (quantize.* keys)"
-            + (": it is a KL autoencoder (AutoencoderKL), a continuous-latent model, not a VQ codec" if kl else "")
+            + (
+                ": it is a KL autoencoder (AutoencoderKL), a continuous-latent model, not a VQ codec"
+                if kl
+                else ""
+            )
             + "; pick a VQ-GAN checkpoint"
         )
 
@@ -274,7 +293,9 @@ def _indices(sd: Mapping[str, Any], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
 
 
-def infer_vqgan_config(sd: Mapping[str, torch.Tensor], *, origin: str = "state dict") -> dict[str, Any]:
+def infer_vqgan_config(
+    sd: Mapping[str, torch.Tensor], *, origin: str = "state dict"
+) -> dict[str, Any]:
     """``VQGANConfig`` fields from a taming-layout state dict (exact for every taming / LDM VQ).
 
     ``norm_groups`` is ``None`` (not stored in weights); ``resolution`` is the nominal 256 (or
@@ -282,7 +303,9 @@ def infer_vqgan_config(sd: Mapping[str, torch.Tensor], *, origin: str = "state d
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
-            raise ValueError(f"load_vqgan: {origin}: missing {key!r}; the weights are incomplete or not a taming VQ-GAN")
+            raise ValueError(
+                f"load_vqgan: {origin}: missing {key!r}; the weights are incomplete or not a taming VQ-GAN"
+            )
         return tuple(sd[key].shape)
 
     ch, in_channels = shape("encoder.conv_in.weight")[:2]
@@ -316,7 +339,11 @@ def infer_vqgan_config(sd: Mapping[str, torch.Tensor], *, origin: str = "state d
             f"takes {z_channels}; encoder and decoder do not belong together"
         )
     if "quantize.proj.weight" in sd:
-        quantizer, n_embed, embed_dim = "gumbel", shape("quantize.proj.weight")[0], shape("quantize.embed.weight")[1]
+        quantizer, n_embed, embed_dim = (
+            "gumbel",
+            shape("quantize.proj.weight")[0],
+            shape("quantize.embed.weight")[1],
+        )
     else:
         quantizer = "vq"
         n_embed, embed_dim = shape("quantize.embedding.weight")
@@ -355,7 +382,9 @@ def _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_atte
     """Encoder-derived structure must match the decoder's (§7.6); name the differing part."""
     dec_levels = _indices(sd, r"decoder\.up\.(\d+)\.")
     if dec_levels != list(range(num_levels)):
-        raise ValueError(f"load_vqgan: {origin}: decoder levels {dec_levels} differ from the encoder's 0..{num_levels - 1}")
+        raise ValueError(
+            f"load_vqgan: {origin}: decoder levels {dec_levels} differ from the encoder's 0..{num_levels - 1}"
+        )
     for i in dec_levels:
         blocks = _indices(sd, rf"decoder\.up\.{i}\.block\.(\d+)\.")
         if blocks != list(range(num_res_blocks + 1)):
@@ -370,7 +399,9 @@ def _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_atte
             f"{attn_levels}; our VQGANConfig needs the same attention levels on both sides"
         )
     if ("decoder.mid.attn_1.q.weight" in sd) != mid_attention:
-        raise ValueError(f"load_vqgan: {origin}: encoder and decoder disagree on mid-block attention")
+        raise ValueError(
+            f"load_vqgan: {origin}: encoder and decoder disagree on mid-block attention"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +412,9 @@ def _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_atte
 def _from_state_dict(sd: Mapping[str, Any], path: Path, config: Any, *, fmt: str) -> VQGAN:
     origin = repr(str(path))
     if not sd:
-        raise ValueError(f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download or export it again")
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download or export it again"
+        )
     sd = _select_vq_tensors(sd, origin, fmt)
     _refuse_foreign(sd, origin, fmt)
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
@@ -420,7 +453,11 @@ def _find_vq_params(doc: Any) -> tuple[dict, str, str] | None:
     target, where = str(model.get("target", "")), f"{where}.params".lstrip(".")
     first = params.get("first_stage_config")
     if isinstance(first, Mapping):  # Net2Net / latent diffusion bundle
-        target, params, where = str(first.get("target", "")), first.get("params") or {}, f"{where}.first_stage_config.params"
+        target, params, where = (
+            str(first.get("target", "")),
+            first.get("params") or {},
+            f"{where}.first_stage_config.params",
+        )
     if not isinstance(params, Mapping) or not isinstance(params.get("ddconfig"), Mapping):
         return None
     return dict(params), target, where
@@ -439,7 +476,9 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
     try:
         doc = yaml.safe_load(found.read_text(encoding="utf-8"))
     except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError
-        raise ValueError(f"load_vqgan: the config {str(found)!r} next to {origin} is not valid YAML ({exc}); fix or remove it") from exc
+        raise ValueError(
+            f"load_vqgan: the config {str(found)!r} next to {origin} is not valid YAML ({exc}); fix or remove it"
+        ) from exc
     located = _find_vq_params(doc)
     if located is None:
         logger.warning("load_vqgan: %s has no VQ model ddconfig; ignoring it", found)
@@ -448,7 +487,9 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
     dd = params["ddconfig"]
     attn_type = str(dd.get("attn_type", "vanilla"))
     if attn_type == "linear":
-        raise ValueError(f"load_vqgan: {str(found)!r} sets attn_type: linear (latent-diffusion linear attention), which cannot be loaded")
+        raise ValueError(
+            f"load_vqgan: {str(found)!r} sets attn_type: linear (latent-diffusion linear attention), which cannot be loaded"
+        )
     expected: dict[str, tuple[str, Any]] = {}  # field -> (yaml path, value)
     for name in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch", "double_z"):
         if name in dd:
@@ -460,7 +501,10 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
             expected[name] = (f"{where}.{name}", params[name])
     expected["mid_attention"] = (f"{where}.ddconfig.attn_type", attn_type != "none")
     if target:
-        expected["quantizer"] = (f"{where.removesuffix('.params')}.target", "gumbel" if "Gumbel" in target else "vq")
+        expected["quantizer"] = (
+            f"{where.removesuffix('.params')}.target",
+            "gumbel" if "Gumbel" in target else "vq",
+        )
     has_remap = params.get("remap") is not None
     if has_remap != (fields["remap_used"] > 0):
         raise ValueError(
@@ -473,7 +517,11 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
     if isinstance(resolution, int) and resolution > 0 and "attn_resolutions" in dd:
         attn = tuple(int(r) for r in dd["attn_resolutions"] or ())
         yaml_attn = attn
-        ours = [i for i in range(len(fields["ch_mult"])) if fields["resolution"] // 2**i in fields["attn_resolutions"]]
+        ours = [
+            i
+            for i in range(len(fields["ch_mult"]))
+            if fields["resolution"] // 2**i in fields["attn_resolutions"]
+        ]
         theirs = [i for i in range(len(fields["ch_mult"])) if resolution // 2**i in attn]
         if ours != theirs:
             raise ValueError(
@@ -504,13 +552,16 @@ def _cross_check_yaml(path: Path, fields: dict[str, Any], origin: str) -> dict[s
 # diffusers folders
 # --------------------------------------------------------------------------------------------
 
+
 def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
     folder = find_vqmodel_folder(folder)
     cfg_path = folder / "config.json"
     try:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_vqgan: {str(cfg_path)!r} is not valid JSON ({exc}); download it again") from exc
+        raise ValueError(
+            f"load_vqgan: {str(cfg_path)!r} is not valid JSON ({exc}); download it again"
+        ) from exc
     check_diffusers_config(data, cfg_path)
     weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
@@ -521,10 +572,16 @@ def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
             f"one of {list(DIFFUSERS_WEIGHTS)} — download the weights too"
         )
     fmt = f"diffusers VQModel {weights.name}"
-    sd = load_safetensors(weights) if weights.suffix == ".safetensors" else _unwrap_container(safe_torch_load(weights), weights)
+    sd = (
+        load_safetensors(weights)
+        if weights.suffix == ".safetensors"
+        else _unwrap_container(safe_torch_load(weights), weights)
+    )
     origin = repr(str(weights))
     if not sd:
-        raise ValueError(f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download it again")
+        raise ValueError(
+            f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download it again"
+        )
     sd = _select_vq_tensors(sd, origin, fmt)
     _refuse_foreign(sd, origin, fmt)
     sd = _normalize_quantizer(diffusers_to_taming(sd, origin=origin), origin)
@@ -539,61 +596,3 @@ def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
                 f"weights in {origin} have {inferred[name]!r}; config.json and weights do not belong together"
             )
     return _build(_resolve_config(config, declared, origin), sd, f"{origin} ({fmt})")
-
-
-# --------------------------------------------------------------------------------------------
-# hf:// sources
-# --------------------------------------------------------------------------------------------
-
-
-def _fetch_hf(source: str) -> Path:
-    """Download (or take from the cache) what ``source`` names; return the local file or folder."""
-    repo_id, inner = parse_hf_source(source)
-    if inner.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".msgpack",)):
-        path = hf_download(repo_id, inner, source=source)
-        if path.suffix.lower() in PICKLE_SUFFIXES or (
-            path.suffix.lower() in SAFETENSORS_SUFFIXES and META_MODEL_TYPE not in read_safetensors_metadata(path)
-        ):
-            _fetch_hf_yaml(repo_id, inner)
-        return path
-    sub = inner.strip("/")
-    first_error: FileNotFoundError | None = None
-    for folder in (sub, f"{sub}/vqvae".strip("/")):
-        try:
-            cfg_path = hf_download(repo_id, f"{folder}/config.json".lstrip("/"), source=source)
-        except FileNotFoundError as exc:
-            first_error = first_error or exc
-            continue
-        try:  # refuse MoVQ / AutoencoderKL / ... before downloading their weights
-            data = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None  # reported with its path by the folder loader
-        if data is not None:
-            check_diffusers_config(data, cfg_path)
-        for name in DIFFUSERS_WEIGHTS:
-            try:
-                hf_download(repo_id, f"{folder}/{name}".lstrip("/"), source=source)
-                return cfg_path.parent
-            except FileNotFoundError:
-                continue
-        raise FileNotFoundError(
-            f"load_vqgan: {source}: {repo_id}/{folder or '.'} has config.json but none of "
-            f"{list(DIFFUSERS_WEIGHTS)} could be fetched (offline, or the weights are elsewhere)"
-        )
-    raise FileNotFoundError(
-        f"load_vqgan: {source}: no diffusers config.json at {repo_id}/{sub or '(root)'} or its vqvae/ "
-        "subfolder; name the subfolder or the weights file (hf://owner/repo/vqvae or "
-        f"hf://owner/repo/path/model.ckpt). Cause: {first_error}"
-    ) from first_error
-
-
-def _fetch_hf_yaml(repo_id: str, inner: str) -> None:
-    """Best effort: fetch a sibling yaml of a Hub checkpoint so the local cross-check sees it."""
-    stem, _, _ = inner.rpartition(".")
-    parent = inner.rpartition("/")[0]
-    for name in (f"{stem}.yaml", f"{parent}/config.yaml".lstrip("/"), f"{parent}/model.yaml".lstrip("/")):
-        try:
-            hf_download(repo_id, name)
-            return
-        except FileNotFoundError:
-            continue

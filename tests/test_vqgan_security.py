@@ -1,10 +1,11 @@
-"""load_vqgan never runs code from a checkpoint.
+"""load_vqgan never runs code from a checkpoint, and refuses what it cannot load faithfully.
 
 Each malicious file is first shown to be live: a control copy (writing a different marker) is
 unpickled with ``torch.load(weights_only=False)`` and its marker appears. The same payload given
 to ``load_vqgan`` must either be refused with an error naming the global, or (for names under
 the inert Lightning / omegaconf / pathlib prefixes) be absorbed by an inert stand-in; in both
-cases the marker file must not exist afterwards.
+cases the marker file must not exist afterwards. Bad input (unknown types, truncated files, foreign
+architectures, incomplete weights) must fail with an error naming the problem.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import types
 
 import pytest
 import torch
-from comfyui_sundae.sundae_lib import VQGAN, VQGANConfig, load_vqgan
+from comfyui_sundae.sundae_lib import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 from comfyui_sundae.sundae_lib.safe_pickle import (
     InertStandIn,
     UnsafeCheckpointError,
@@ -28,6 +29,7 @@ from comfyui_sundae.sundae_lib.safe_pickle import (
     safe_torch_load,
     stand_in,
 )
+from safetensors.torch import save_file
 
 # the crafted pickles declare protocol 4 on purpose; torch warns about that
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
@@ -78,7 +80,12 @@ def _swap_pickle_module(swaps: dict[bytes, bytes], *, protocol4_header: bool) ->
             self._out.write(data)
 
     module = types.ModuleType("swap_pickle")
-    module.Pickler, module.dump, module.load, module.Unpickler = SwapPickler, pickle.dump, pickle.load, pickle.Unpickler
+    module.Pickler, module.dump, module.load, module.Unpickler = (
+        SwapPickler,
+        pickle.dump,
+        pickle.load,
+        pickle.Unpickler,
+    )
     return module
 
 
@@ -86,9 +93,19 @@ def _tiny_state_dict():
     return VQGAN(VQGANConfig.preset("tiny")).state_dict()
 
 
-PAYLOADS = ("os.system", "builtins.exec", "subprocess.call", "pathlib.Path.write_text", "pathlib.os.system")
+PAYLOADS = (
+    "os.system",
+    "builtins.exec",
+    "subprocess.call",
+    "pathlib.Path.write_text",
+    "pathlib.os.system",
+)
 # the name the pickle references (protocol 2 writes subprocess.call under its Python 2 name)
-REFUSED = {"os.system": "'posix.system'", "builtins.exec": "'builtins.exec'", "subprocess.call": "'(commands|subprocess).call'"}
+REFUSED = {
+    "os.system": "'posix.system'",
+    "builtins.exec": "'builtins.exec'",
+    "subprocess.call": "'(commands|subprocess).call'",
+}
 
 
 def _craft(path: pathlib.Path, kind: str, marker: pathlib.Path, *, zip_format: bool) -> None:
@@ -129,7 +146,10 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, kind, zip_format):
     _craft(path, kind, marker, zip_format=zip_format)
     safe_before = set(map(str, torch.serialization.get_safe_globals()))
     if kind in REFUSED:
-        with pytest.raises(UnsafeCheckpointError, match=rf"{REFUSED[kind]}.*nothing from the file was executed.*safetensors") as info:
+        with pytest.raises(
+            UnsafeCheckpointError,
+            match=rf"{REFUSED[kind]}.*nothing from the file was executed.*safetensors",
+        ) as info:
             load_vqgan(path, config=VQGANConfig.preset("tiny"))
         assert str(path) in str(info.value)
     else:  # the name lies under an inert prefix: answered by an inert stand-in, never the real object
@@ -140,7 +160,12 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, kind, zip_format):
 
 
 def test_stand_ins_are_inert():
-    for name in ("pathlib.Path", "pathlib.PosixPath", "pathlib.Path.write_text", "pathlib.os.system"):
+    for name in (
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "pathlib.Path.write_text",
+        "pathlib.os.system",
+    ):
         cls = stand_in(name)
         assert issubclass(cls, InertStandIn)
         assert f"{cls.__module__}.{cls.__qualname__}" == name
@@ -151,18 +176,35 @@ def test_stand_ins_are_inert():
         assert stand_in(name) is cls  # one class per name
     attr_dict = stand_in("pytorch_lightning.utilities.parsing.AttributeDict")
     assert type(attr_dict.__new__(attr_dict)) is dict  # filled by SETITEMS, must be a plain dict
-    for name in ("os.system", "posix.system", "builtins.eval", "builtins.getattr", "subprocess.Popen", "torch.nn.modules.conv.Conv2d", "numpy.load"):
+    for name in (
+        "os.system",
+        "posix.system",
+        "builtins.eval",
+        "builtins.getattr",
+        "subprocess.Popen",
+        "torch.nn.modules.conv.Conv2d",
+        "numpy.load",
+    ):
         assert not is_inert_name(name)
         with pytest.raises(UnsafeCheckpointError):
             stand_in(name)
-    for name in ("omegaconf.dictconfig.DictConfig", "typing.Any", "numpy._core.multiarray.scalar", "numpy.dtypes.Float64DType", "_codecs.encode", "lightning_fabric.utilities.data.AttributeDict"):
+    for name in (
+        "omegaconf.dictconfig.DictConfig",
+        "typing.Any",
+        "numpy._core.multiarray.scalar",
+        "numpy.dtypes.Float64DType",
+        "_codecs.encode",
+        "lightning_fabric.utilities.data.AttributeDict",
+    ):
         assert is_inert_name(name)
 
 
 def test_malicious_bin_in_diffusers_folder(tmp_path):
     folder = tmp_path / "vqvae"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "block_out_channels": [8, 16]}))
+    (folder / "config.json").write_text(
+        json.dumps({"_class_name": "VQModel", "block_out_channels": [8, 16]})
+    )
     marker = tmp_path / "pwned"
     _craft(folder / "diffusion_pytorch_model.bin", "os.system", marker, zip_format=True)
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
@@ -181,4 +223,140 @@ def test_safe_torch_load_plain_weights(tmp_path):
     weights = {"a": torch.arange(4.0), "b": {"c": torch.ones(2, dtype=torch.int64)}}
     torch.save(weights, tmp_path / "w.pt")
     loaded = safe_torch_load(tmp_path / "w.pt")
-    assert torch.equal(loaded["a"], weights["a"]) and torch.equal(loaded["b"]["c"], weights["b"]["c"])
+    assert torch.equal(loaded["a"], weights["a"]) and torch.equal(
+        loaded["b"]["c"], weights["b"]["c"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each a clear error naming the problem
+# ---------------------------------------------------------------------------------------------
+
+
+def _small_taming_state_dict():
+    """A taming-layout model whose widths (32, 64) suit taming's 32 norm groups."""
+    cfg = VQGANConfig(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(128,),
+        z_channels=4,
+        embed_dim=4,
+        n_embed=32,
+    )
+    return dict(VQGAN(cfg).state_dict())
+
+
+def test_missing_path_and_unknown_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_vqgan(tmp_path / "nope.ckpt")
+    (tmp_path / "weights.xyz").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"unknown file type '\.xyz'"):
+        load_vqgan(tmp_path / "weights.xyz")
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(ValueError, match="config file, not weights"):
+        load_vqgan(tmp_path / "config.yaml")
+    (tmp_path / "flax_model.msgpack").write_bytes(b"\x81\xa1a\x01")
+    with pytest.raises(ValueError, match="Flax"):
+        load_vqgan(tmp_path / "flax_model.msgpack")
+    with pytest.raises(ValueError, match="config must be"):
+        load_vqgan(tmp_path / "weights.xyz", config=42)
+
+
+@pytest.mark.parametrize("kind", ["native", "zip-ckpt", "legacy-ckpt"])
+def test_truncated_files(tmp_path, kind):
+    model = VQGAN(VQGANConfig.preset("tiny"))
+    if kind == "native":
+        path = save_vqgan(model, tmp_path / "m.safetensors")
+    else:
+        path = tmp_path / "m.ckpt"
+        torch.save(
+            {"state_dict": model.state_dict()},
+            path,
+            _use_new_zipfile_serialization=kind == "zip-ckpt",
+        )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated") as info:
+        load_vqgan(path)
+    assert "m." in str(info.value)  # names the file
+
+
+def test_empty_and_foreign_checkpoints(tmp_path):
+    torch.save({}, tmp_path / "empty.ckpt")
+    with pytest.raises(ValueError, match="empty"):
+        load_vqgan(tmp_path / "empty.ckpt")
+    (tmp_path / "zero.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_vqgan(tmp_path / "zero.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match="not a dict"):
+        load_vqgan(tmp_path / "tensor.pth")
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}}, tmp_path / "unet.ckpt")
+    with pytest.raises(ValueError, match="no VQ-GAN weights"):
+        load_vqgan(tmp_path / "unet.ckpt")
+    unleash = {
+        "encoder.blocks.0.weight": torch.zeros(1),
+        "generator.blocks.0.weight": torch.zeros(1),
+    }
+    torch.save(unleash, tmp_path / "vqgan_ema.th")
+    with pytest.raises(ValueError, match="unleashing-transformers"):
+        load_vqgan(tmp_path / "vqgan_ema.th")
+    sd = dict(_small_taming_state_dict())
+    sd["encoder.mid.attn_1.to_qkv.weight"] = torch.zeros(3, 3, 1, 1)
+    torch.save({"state_dict": sd}, tmp_path / "linear.ckpt")
+    with pytest.raises(ValueError, match="linear attention"):
+        load_vqgan(tmp_path / "linear.ckpt")
+    kl = {k: v for k, v in sd.items() if not k.startswith("quantize.") and "to_qkv" not in k}
+    kl["quant_conv.weight"] = torch.zeros(8, 8, 1, 1)
+    torch.save({"state_dict": kl}, tmp_path / "kl.ckpt")
+    with pytest.raises(ValueError, match="KL autoencoder"):
+        load_vqgan(tmp_path / "kl.ckpt")
+
+
+def test_strict_within_kept_families(tmp_path):
+    sd = dict(_small_taming_state_dict())
+    sd["decoder.extra.weight"] = torch.zeros(2)
+    torch.save({"state_dict": sd}, tmp_path / "extra.ckpt")
+    with pytest.raises(ValueError, match="decoder.extra.weight"):
+        load_vqgan(tmp_path / "extra.ckpt")
+    sd.pop("decoder.extra.weight")
+    sd.pop("decoder.up.1.block.1.conv2.weight")
+    torch.save({"state_dict": sd}, tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match="decoder.up.1.block.1.conv2.weight"):
+        load_vqgan(tmp_path / "missing.ckpt")
+
+
+def _write_config(folder: pathlib.Path, **fields):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def test_refused_diffusers_folders(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_vqgan(tmp_path / "plain")
+    movq = _write_config(tmp_path / "movq", _class_name="VQModel", norm_type="spatial")
+    with pytest.raises(ValueError, match="MoVQ"):
+        load_vqgan(movq)
+    (tmp_path / "kandinsky" / "movq").mkdir(parents=True)
+    with pytest.raises(ValueError, match="MoVQ"):
+        load_vqgan(tmp_path / "kandinsky")
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        load_vqgan(_write_config(tmp_path / "kl", _class_name="AutoencoderKL"))
+    with pytest.raises(ValueError, match="PaellaVQModel"):
+        load_vqgan(_write_config(tmp_path / "paella", _class_name="PaellaVQModel"))
+    nowt = _write_config(tmp_path / "noweights", _class_name="VQModel")
+    with pytest.raises(ValueError, match="no weights"):
+        load_vqgan(nowt)
+
+
+def test_movq_keys_without_config_are_refused(tmp_path):
+    sd = dict(_small_taming_state_dict())
+    sd["decoder.up.0.block.0.norm1.norm_layer.weight"] = torch.zeros(32)
+    sd["decoder.up.0.block.0.norm1.conv_y.weight"] = torch.zeros(32, 4, 1, 1)
+    save_file(sd, str(tmp_path / "movq.safetensors"))
+    with pytest.raises(ValueError, match="MoVQ"):
+        load_vqgan(tmp_path / "movq.safetensors")

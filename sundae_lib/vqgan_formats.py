@@ -1,17 +1,18 @@
-"""diffusers ``VQModel`` <-> taming: key conversion, ``config.json`` checks and config mapping
-(checkpoint-formats.md §5, §6). Used by ``vqgan_loading.load_vqgan``.
+"""Source formats for ``vqgan_loading.load_vqgan``: diffusers ``VQModel`` key conversion and
+``config.json`` mapping (checkpoint-formats.md §5, §6), and fetching ``hf://`` sources.
 
-Key mapping: encoder ``down_blocks.i`` -> ``down.i``; decoder ``up_blocks.i`` -> ``up.{L-1-i}``
-(diffusers lists decoder blocks in execution order, taming by level); ``resnets`` -> ``block``,
-``attentions`` -> ``attn``, ``mid_block.{resnets.0, attentions.0, resnets.1}`` ->
-``mid.{block_1, attn_1, block_2}``, ``conv_norm_out`` -> ``norm_out``, ``conv_shortcut`` ->
-``nin_shortcut``; attention ``group_norm``/``to_q``/``to_k``/``to_v``/``to_out.0`` (or the older
-``query``/``key``/``value``/``proj_attn``) -> ``norm``/``q``/``k``/``v``/``proj_out`` with Linear
-``[C, C]`` weights reshaped to 1x1 convs ``[C, C, 1, 1]``.
+Key mapping diffusers -> taming: encoder ``down_blocks.i`` -> ``down.i``; decoder ``up_blocks.i``
+-> ``up.{L-1-i}`` (diffusers lists decoder blocks in execution order, taming by level);
+``resnets`` -> ``block``, ``attentions`` -> ``attn``, ``mid_block.{resnets.0, attentions.0,
+resnets.1}`` -> ``mid.{block_1, attn_1, block_2}``, ``conv_norm_out`` -> ``norm_out``,
+``conv_shortcut`` -> ``nin_shortcut``; attention ``group_norm``/``to_q``/``to_k``/``to_v``/
+``to_out.0`` (or the older ``query``/``key``/``value``/``proj_attn``) -> ``norm``/``q``/``k``/
+``v``/``proj_out`` with Linear ``[C, C]`` weights reshaped to 1x1 convs ``[C, C, 1, 1]``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -20,10 +21,14 @@ from typing import Any
 
 import torch
 
+from ._helpers import META_MODEL_TYPE, hf_download, parse_hf_source, read_safetensors_metadata
+
 logger = logging.getLogger(__name__)
 
 NOMINAL_RESOLUTION = 256  # taming's usual ddconfig.resolution; only its ratio to attention matters
 
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".th")
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
@@ -43,12 +48,17 @@ _DIFFUSERS_BLOCK_RE = re.compile(
 _DIFFUSERS_PLAIN = {"conv_in", "conv_out", "conv_norm_out"}
 
 
-def diffusers_to_taming(sd: Mapping[str, torch.Tensor], *, origin: str = "state dict") -> dict[str, torch.Tensor]:
+def diffusers_to_taming(
+    sd: Mapping[str, torch.Tensor], *, origin: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """Rename a diffusers ``VQModel`` state dict to taming keys (checkpoint-formats.md §5):
     decoder ``up_blocks.i`` -> ``up.{L-1-i}``, ``conv_shortcut`` -> ``nin_shortcut``, attention
     ``to_q``/``query`` ... -> ``q`` ... with Linear ``[C, C]`` weights -> 1x1 conv ``[C, C, 1, 1]``.
     Unknown keys raise ``ValueError`` naming them."""
-    num_up = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
+    num_up = 1 + max(
+        (int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))),
+        default=-1,
+    )
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in sd.items():
@@ -56,7 +66,10 @@ def diffusers_to_taming(sd: Mapping[str, torch.Tensor], *, origin: str = "state 
         if new is None:
             unknown.append(key)
             continue
-        if new.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")) and value.ndim == 2:
+        if (
+            new.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight"))
+            and value.ndim == 2
+        ):
             value = value[:, :, None, None]
         out[new] = value
     if unknown:
@@ -129,18 +142,24 @@ def check_diffusers_config(data: Any, cfg_path: Path) -> None:
             "AutoencoderKL": "a KL autoencoder (continuous latents), not a VQ codec",
             "PaellaVQModel": "Würstchen's Paella VQ, a different architecture",
         }.get(str(cls), "not a diffusers VQModel")
-        raise ValueError(f"{where}: _class_name is {cls!r}: {why}; load_vqgan reads VQModel folders only")
+        raise ValueError(
+            f"{where}: _class_name is {cls!r}: {why}; load_vqgan reads VQModel folders only"
+        )
     if data.get("norm_type", "group") != "group":
         raise ValueError(
             f"{where}: norm_type is {data.get('norm_type')!r}: this is a MoVQ model (spatially "
             "conditioned norms, e.g. Kandinsky's movq), not a taming-style VQ-GAN; it cannot be loaded"
         )
     if data.get("act_fn", "silu") != "silu":
-        raise ValueError(f"{where}: act_fn is {data.get('act_fn')!r}; only 'silu' (taming's swish) is compatible")
+        raise ValueError(
+            f"{where}: act_fn is {data.get('act_fn')!r}; only 'silu' (taming's swish) is compatible"
+        )
     for key, allowed in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
         bad = [t for t in data.get(key, []) if t not in allowed]
         if bad:
-            raise ValueError(f"{where}: {key} contains {bad}; only {sorted(allowed)} are taming-compatible")
+            raise ValueError(
+                f"{where}: {key} contains {bad}; only {sorted(allowed)} are taming-compatible"
+            )
 
 
 def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dict[str, Any]:
@@ -149,7 +168,9 @@ def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dic
     down = list(data.get("down_block_types", ["DownEncoderBlock2D"]))
     up = list(data.get("up_block_types", ["UpDecoderBlock2D"]))
     if not (len(boc) == len(down) == len(up)):
-        raise ValueError(f"{where}: block_out_channels {boc}, down_block_types and up_block_types must have equal lengths")
+        raise ValueError(
+            f"{where}: block_out_channels {boc}, down_block_types and up_block_types must have equal lengths"
+        )
     ch = boc[0]
     if any(c % ch for c in boc):
         raise ValueError(
@@ -168,7 +189,10 @@ def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dic
     resolution = max(NOMINAL_RESOLUTION, 2 ** (len(boc) - 1))
     pixel_range = "0,1" if data.get("lookup_from_codebook") and data.get("force_upcast") else "-1,1"
     if pixel_range == "0,1":
-        logger.info("load_vqgan: %s looks like aMUSEd's VQ (lookup_from_codebook + force_upcast): pixel range 0..1", cfg_path)
+        logger.info(
+            "load_vqgan: %s looks like aMUSEd's VQ (lookup_from_codebook + force_upcast): pixel range 0..1",
+            cfg_path,
+        )
     return dict(
         ch=ch,
         ch_mult=tuple(c // ch for c in boc),
@@ -220,10 +244,71 @@ def find_vqmodel_folder(folder: Path) -> Path:
     )
 
 
-
-
 def flax_message(path: Path) -> str:
     return (
         f"load_vqgan: {str(path)!r} is a Flax msgpack checkpoint (e.g. dalle-mini's VQGAN), not a "
         "PyTorch format; convert it to PyTorch first (e.g. a diffusers/taming port) and load that"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# hf:// sources
+# --------------------------------------------------------------------------------------------
+
+
+def fetch_hf(source: str) -> Path:
+    """Download (or take from the cache) what ``source`` names; return the local file or folder."""
+    repo_id, inner = parse_hf_source(source)
+    if inner.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".msgpack",)):
+        path = hf_download(repo_id, inner, source=source)
+        if path.suffix.lower() in PICKLE_SUFFIXES or (
+            path.suffix.lower() in SAFETENSORS_SUFFIXES
+            and META_MODEL_TYPE not in read_safetensors_metadata(path)
+        ):
+            _fetch_hf_yaml(repo_id, inner)
+        return path
+    sub = inner.strip("/")
+    first_error: FileNotFoundError | None = None
+    for folder in (sub, f"{sub}/vqvae".strip("/")):
+        try:
+            cfg_path = hf_download(repo_id, f"{folder}/config.json".lstrip("/"), source=source)
+        except FileNotFoundError as exc:
+            first_error = first_error or exc
+            continue
+        try:  # refuse MoVQ / AutoencoderKL / ... before downloading their weights
+            data = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None  # reported with its path by the folder loader
+        if data is not None:
+            check_diffusers_config(data, cfg_path)
+        for name in DIFFUSERS_WEIGHTS:
+            try:
+                hf_download(repo_id, f"{folder}/{name}".lstrip("/"), source=source)
+                return cfg_path.parent
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(
+            f"load_vqgan: {source}: {repo_id}/{folder or '.'} has config.json but none of "
+            f"{list(DIFFUSERS_WEIGHTS)} could be fetched (offline, or the weights are elsewhere)"
+        )
+    raise FileNotFoundError(
+        f"load_vqgan: {source}: no diffusers config.json at {repo_id}/{sub or '(root)'} or its vqvae/ "
+        "subfolder; name the subfolder or the weights file (hf://owner/repo/vqvae or "
+        f"hf://owner/repo/path/model.ckpt). Cause: {first_error}"
+    ) from first_error
+
+
+def _fetch_hf_yaml(repo_id: str, inner: str) -> None:
+    """Best effort: fetch a sibling yaml of a Hub checkpoint so the local cross-check sees it."""
+    stem, _, _ = inner.rpartition(".")
+    parent = inner.rpartition("/")[0]
+    for name in (
+        f"{stem}.yaml",
+        f"{parent}/config.yaml".lstrip("/"),
+        f"{parent}/model.yaml".lstrip("/"),
+    ):
+        try:
+            hf_download(repo_id, name)
+            return
+        except FileNotFoundError:
+            continue
