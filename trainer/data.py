@@ -48,7 +48,10 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 [H, W] or [H, W, C] -> float [C, H, W] in [-1, 1]."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1).float()
     return t / 127.5 - 1.0
 
 

@@ -143,7 +143,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
         return lr_factor(s, warmup=opt.warmup_steps, schedule=opt.schedule, max_steps=run.max_steps, min_ratio=opt.min_lr_ratio)
 
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, factor)
+    d_lr = opt.disc_lr or opt.lr  # set by hand each step (the discriminator starts late)
     order = BatchOrder(split.train, opt.batch_size, rank=info.rank, world_size=info.world_size, seed=run.seed)
     loader = BatchLoader(ds, order, num_workers=run.num_workers, pin_memory=device.type == "cuda")
     restart_gen = torch.Generator().manual_seed(run.seed + 7)  # same on every rank
@@ -153,7 +153,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
     start, best = 0, None
     resume_from = dist.broadcast_object(ckpts.resolve_resume(resume) if info.is_main else None)
     if resume_from is not None:
-        start, best = _load(Path(resume_from), model, vq_loss, ema, (opt_g, opt_d, sched_g, sched_d, scaler_g, scaler_d), order, generators, info)
+        start, best = _load(Path(resume_from), model, vq_loss, ema, (opt_g, opt_d, sched_g, scaler_g, scaler_d), order, generators, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
@@ -180,7 +180,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
         state = {
             "step": step,
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
+            "sched_g": sched_g.state_dict(),
             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
             "loss_state": vq_loss.training_state(),
             "ema": ema.state_dict() if ema is not None else None,
@@ -226,6 +226,8 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
                 for k, v in vq_loss.codebook_step(codebook, z_e, tokens, generator=restart_gen).items():
                     step_log[k] = step_log.get(k, 0.0) + to_float(v) / len(pairs)
             if gan_on:
+                for group in opt_d.param_groups:
+                    group["lr"] = d_lr * factor(step)
                 opt_d.zero_grad(set_to_none=True)
                 for micro, (x, recon, _, _) in enumerate(pairs):
                     sync = disc_run.no_sync() if info.enabled and micro < len(pairs) - 1 else contextlib.nullcontext()
@@ -240,7 +242,6 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
                     torch.nn.utils.clip_grad_norm_(disc.parameters(), opt.grad_clip)
                 scaler_d.step(opt_d)
                 scaler_d.update()
-            sched_d.step()
             if ema is not None:
                 ema.update(model)
             step += 1
@@ -294,13 +295,12 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
 def _load(folder: Path, model, vq_loss, ema, optim_parts, order, generators, info) -> tuple[int, Any]:
     from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
 
-    opt_g, opt_d, sched_g, sched_d, scaler_g, scaler_d = optim_parts
+    opt_g, opt_d, sched_g, scaler_g, scaler_d = optim_parts
     load_state_dict_strict(model, load_safetensors(folder / MODEL), what=f"checkpoint {folder}")
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
     sched_g.load_state_dict(state["sched_g"])
-    sched_d.load_state_dict(state["sched_d"])
     scaler_g.load_state_dict(state["scaler_g"])
     scaler_d.load_state_dict(state["scaler_d"])
     vq_loss.load_training_state({k: v.to(next(model.parameters()).device) for k, v in state["loss_state"].items()})
