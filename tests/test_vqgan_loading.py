@@ -534,11 +534,17 @@ def test_hf_source_from_offline_cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     dm.save_pretrained(repo / "snapshots" / revision / "vqvae")
+    taming = _taming_model()
+    (repo / "snapshots" / revision / "ckpts").mkdir()
+    torch.save(
+        {"state_dict": taming.state_dict()}, repo / "snapshots" / revision / "ckpts" / "last.ckpt"
+    )
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _assert_equivalent(dm, load_vqgan("hf://someone/tiny-vq/vqvae"), _images())
     _assert_equivalent(dm, load_vqgan("hf://someone/tiny-vq"), _images())  # pipeline root
+    _assert_same_model(taming, load_vqgan("hf://someone/tiny-vq/ckpts/last.ckpt"))
     with pytest.raises(FileNotFoundError, match="offline"):
         load_vqgan("hf://someone/not-cached/vqvae")
     with pytest.raises(FileNotFoundError, match="offline"):
