@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from click.testing import CliRunner
-
 from comfyui_sundae.trainer import config as C
 from comfyui_sundae.trainer.cli import main
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfyui_sundae.trainer.config import DataConfig
 from comfyui_sundae.trainer.data import BatchOrder, make_split, open_images, sort_class_names
+from PIL import Image
 
 
 def _write_folder(root, classes=("0", "2", "10"), per_class=3, size=(12, 10)):

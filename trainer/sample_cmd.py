@@ -72,6 +72,9 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             candidates = [SHIPPED / "vqgan" / name]
             if here is not None:
                 candidates = [here / name, here.parent / "vqgan" / name, *candidates]
+            recorded = meta.get("sundae.vqgan_source", "")
+            if recorded and not recorded.startswith("hf://"):
+                candidates.append(Path(recorded))
             codec = None
             for cand in candidates:
                 if cand.is_file():
@@ -83,7 +86,7 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             if codec is None:
                 raise FileNotFoundError(
                     f"the prior was trained on tokens of the VQ-GAN {name!r} (sha256 {sha[:12]}...), "
-                    f"which is not in {', '.join(str(c.parent) for c in candidates)}; pass --vqgan FILE"
+                    f"which is not at {', '.join(str(c) for c in candidates)}; pass --vqgan FILE"
                 )
         else:
             raise ValueError(

@@ -84,7 +84,8 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         ds = LatentTokens(path, cfg.data)
         vq = ds.manifest["vqgan"]
         source = cfg.codec.vqgan or vq["source"]
-        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']}", "sundae.vqgan_file": vq["file"]}
+        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']}", "sundae.vqgan_file": vq["file"],
+                "sundae.vqgan_source": str(source)}
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
     h, w = ds.size
@@ -96,7 +97,8 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
             raise ConfigError("codec.kind = 'vqgan' needs codec.vqgan = a VQ-GAN file to encode the images with")
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
-        meta = {"sundae.codec": f"vqgan:sha256={sha}", "sundae.vqgan_file": name}
+        meta = {"sundae.codec": f"vqgan:sha256={sha}", "sundae.vqgan_file": name,
+                "sundae.vqgan_source": str(cfg.codec.vqgan)}
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
 

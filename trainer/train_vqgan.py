@@ -171,7 +171,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
         metrics.truncate_after(start)
     meta = {"sundae.label_map": json.dumps(ds.label_map)} if ds.label_map else {}
     eval_model = ema.module if ema is not None else model
-    preview_idx = (split.eval if len(split.eval) else split.train)[: run.recon_images]
+    preview_idx = np.concatenate([split.eval, split.train])[: run.recon_images]  # held-out first
 
     def write_checkpoint(step: int, eval_loss: float | None) -> None:
         rng_all = dist.gather_object(capture_rng(generators))
