@@ -529,11 +529,13 @@ class VQGAN(nn.Module):
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of ``tile`` covering ``range(n)``, neighbours overlapping by at
-    least ``overlap``; the last window is aligned to the end."""
+    """Start offsets of the fewest windows of ``tile`` that cover ``range(n)`` with neighbours
+    overlapping by at least ``overlap``, spread evenly (first at 0, last ending at ``n``)."""
     if tile >= n:
         return [0]
-    return [*range(0, n - tile, tile - overlap), n - tile]
+    count = -(-(n - overlap) // (tile - overlap))  # ceil
+    span = n - tile
+    return [(i * span + (count - 1) // 2) // (count - 1) for i in range(count)]
 
 
 def _seam_ramp(

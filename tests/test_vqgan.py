@@ -489,7 +489,8 @@ def test_seam_ramps_sum_to_one():
     start = _seam_ramp(8, 4, start=True, end=False, device="cpu")
     torch.testing.assert_close(end[-4:] + start[:4], torch.ones(4))
     assert (end > 0).all() and (end[:4] == 1).all()
-    assert _tile_starts(10, 4, 1) == [0, 3, 6] and _tile_starts(8, 4, 1) == [0, 3, 4]
+    assert _tile_starts(10, 4, 1) == [0, 3, 6] and _tile_starts(8, 4, 1) == [0, 2, 4]
+    assert _tile_starts(32, 16, 4) == [0, 8, 16] and _tile_starts(32, 18, 4) == [0, 14]
     assert _tile_starts(3, 4, 1) == [0]
 
 
