@@ -46,6 +46,10 @@ def check_images(x: Any, channels: int, what: str) -> None:
         )
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{what}: empty image of shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{what}: the image contains NaN or infinite values; check the upstream step"
+        )
 
 
 def check_tokens(tokens: Any, codebook_size: int, what: str) -> torch.Tensor:
@@ -111,7 +115,7 @@ class PixelCodec(nn.Module):
     """Identity "codec" for pixel-level priors (factor 1, ``codebook_size = levels``).
 
     encode: ``x`` in [-1, 1] -> ``round((x + 1) / 2 * (levels - 1))`` (values outside [-1, 1] are
-    clamped); decode: ``t / (levels - 1) * 2 - 1``. Token layout for ``channels > 1``: channels
+    clamped; halves round to even, as ``torch.round``); decode: ``t / (levels - 1) * 2 - 1``. Token layout for ``channels > 1``: channels
     are interleaved along the width, ``tokens[b, y, x * channels + c] = code of pixel (y, x),
     channel c`` (einops ``b c h w -> b h (w c)``), so a C-channel H x W image is an H x (W*C)
     grid over a ``levels``-sized vocabulary (not levels^C). Identified by the string

@@ -358,9 +358,7 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
         # a loaded remap buffer must index this codebook: check after every load_state_dict
-        self.register_load_state_dict_post_hook(
-            lambda module, _incompatible: module.quantize.check_used()
-        )
+        self.register_load_state_dict_post_hook(_check_loaded_remap)
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -526,6 +524,11 @@ class VQGAN(nn.Module):
                 out[window] += piece * weight
                 total[window] += weight
         return (out / total).to(self._param().dtype)
+
+
+def _check_loaded_remap(module: VQGAN, _incompatible_keys: Any) -> None:
+    """load_state_dict post-hook (module-level so models stay picklable / deep-copyable)."""
+    module.quantize.check_used()
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:

@@ -367,6 +367,8 @@ class GumbelQuantizer(_RemapMixin, nn.Module):
     Deterministic deviation: taming draws a hard Gumbel-softmax sample even in eval mode; here the
     token is the argmax of the ``proj`` logits (first index on ties), i.e. the mode of that
     distribution, so encoding is reproducible. Decode is the same codebook lookup as taming.
+    Inference only: there is no relaxed (Gumbel-softmax) path, so ``proj`` gets no gradient and
+    training a gumbel model is not supported.
     ``forward(z: [b, d, h, w]) -> (z_q, tokens)`` as ``VectorQuantizer``."""
 
     def __init__(self, n_embed: int, embed_dim: int, in_channels: int, *, remap_used: int = 0):

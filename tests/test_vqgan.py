@@ -464,6 +464,21 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match=r"latents \[b, 8, h, w\]"):
         model.quantize(torch.zeros(1, 3, 2, 2))
     assert model.decode(torch.zeros(1, 2, 2, dtype=torch.int32)).shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.encode(torch.full((1, 3, 8, 8), float("nan")))
+
+
+def test_model_pickles_and_deep_copies():
+    import copy
+    import io
+
+    model = _tiny(remap_used=4)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the load post-hook is a module-level function, not a lambda
+    clone = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clone.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="quantize.used"):
+        clone.load_state_dict({**model.state_dict(), "quantize.used": torch.tensor([0, 1, 2, 99])})
 
 
 def test_training_forward_straight_through():
