@@ -114,11 +114,12 @@ class PixelCodecConfig:
 class PixelCodec(nn.Module):
     """Identity "codec" for pixel-level priors (factor 1, ``codebook_size = levels``).
 
-    encode: ``x`` in [-1, 1] -> ``round((x + 1) / 2 * (levels - 1))`` (values outside [-1, 1] are
-    clamped; halves round to even, as ``torch.round``); decode: ``t / (levels - 1) * 2 - 1``. Token layout for ``channels > 1``: channels
-    are interleaved along the width, ``tokens[b, y, x * channels + c] = code of pixel (y, x),
-    channel c`` (einops ``b c h w -> b h (w c)``), so a C-channel H x W image is an H x (W*C)
-    grid over a ``levels``-sized vocabulary (not levels^C). Identified by the string
+    encode: ``x`` in [-1, 1] -> ``round((x + 1) / 2 * (levels - 1))`` (values outside [-1, 1]
+    are clamped; halves round to even, as ``torch.round``); decode: ``t / (levels - 1) * 2 - 1``.
+    Token layout for ``channels > 1``: channels are interleaved along the width,
+    ``tokens[b, y, x * channels + c] = code of pixel (y, x), channel c`` (einops
+    ``b c h w -> b h (w c)``), so a C-channel H x W image is an H x (W*C) grid over a
+    ``levels``-sized vocabulary (not levels^C). Identified by the string
     ``spec`` ``"pixel:levels=256,channels=1"`` (``PixelCodec.from_spec``), which is what a prior's
     ``sundae.codec`` metadata records. No weights: nothing to save."""
 
