@@ -156,7 +156,11 @@ def object_info(server):
 
 def test_pack_imports_cleanly(server, object_info):
     log = server.log_text()
-    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-6000:]
+    # core extras may fail on optional dependencies (e.g. torchaudio): only our pack matters here
+    ours = [line for line in log.splitlines()
+            if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK_FOLDER in line]
+    assert not ours, "\n".join(ours) + "\n" + log[-6000:]
+    assert f"custom_nodes/{PACK_FOLDER}" in log, "the pack was not loaded at all"
     from comfyui_sundae.nodes import NODE_DISPLAY_NAME_MAPPINGS
 
     for node_id, display in NODE_DISPLAY_NAME_MAPPINGS.items():

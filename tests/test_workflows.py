@@ -202,6 +202,9 @@ class SaveImage:
 
 
 class ImageCompositeMasked:
+    """ComfyUI's ImageCompositeMasked at x = y = 0: the destination's batch decides the output
+    batch (the source and mask are repeated or cut to it); ``source`` where mask = 1."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -212,14 +215,30 @@ class ImageCompositeMasked:
 
     def composite(self, destination, source, x, y, resize_source, mask=None):
         assert (x, y, resize_source) == (0, 0, False), "stand-in supports the pasting used by our workflows"
-        b = max(destination.shape[0], source.shape[0])
-        dst = destination.expand(b, -1, -1, -1).clone()
-        src = source.expand(b, -1, -1, -1)[:, : dst.shape[1], : dst.shape[2]]
+        b = destination.shape[0]
+        dst = destination.clone()
+        src = _to_batch(source, b)[:, : dst.shape[1], : dst.shape[2]]
         m = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=src.shape[1:3], mode="bilinear")
-        m = m.expand(b, -1, -1, -1).permute(0, 2, 3, 1)
+        m = _to_batch(m, b).permute(0, 2, 3, 1)
         h, w = src.shape[1:3]
         dst[:, :h, :w] = m * src + (1 - m) * dst[:, :h, :w]
         return (dst,)
+
+
+def _to_batch(t: torch.Tensor, b: int) -> torch.Tensor:
+    """comfy.utils.repeat_to_batch_size"""
+    if t.shape[0] >= b:
+        return t[:b]
+    return t.repeat(-(-b // t.shape[0]), *([1] * (t.ndim - 1)))[:b]
+
+
+class InvertMask:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",)}}
+
+    def invert(self, mask):
+        return (1.0 - mask,)
 
 
 class ImagePadForOutpaint:
@@ -239,9 +258,9 @@ class ImagePadForOutpaint:
 
 
 CORE = {"LoadImage": LoadImage, "SaveImage": SaveImage, "ImageCompositeMasked": ImageCompositeMasked,
-        "ImagePadForOutpaint": ImagePadForOutpaint}
+        "ImagePadForOutpaint": ImagePadForOutpaint, "InvertMask": InvertMask}
 CORE_FUNCTIONS = {"LoadImage": "load_image", "SaveImage": "save_images", "ImageCompositeMasked": "composite",
-                  "ImagePadForOutpaint": "expand_image"}
+                  "ImagePadForOutpaint": "expand_image", "InvertMask": "invert"}
 
 
 def execute(prompt: dict, classes: dict) -> dict[str, tuple]:
@@ -351,6 +370,7 @@ def test_workflow_runs(path, env):
         return
 
     (encode_id,) = by_type["SundaeEncode"]
+    (decode_id,) = by_type["SundaeDecode"]
     encoded = outputs[encode_id][0]
     if "SundaeLatentMask" in by_type:  # inpainting / outpainting: kept tokens and pixels unchanged
         (mask_id,) = by_type["SundaeLatentMask"]
@@ -361,14 +381,17 @@ def test_workflow_runs(path, env):
         keep_out = keep.repeat_interleave(per_image, 0)
         assert torch.equal(tokens_out.tokens[keep_out], masked.tokens.repeat_interleave(per_image, 0)[keep_out])
         (comp_id,) = by_type["ImageCompositeMasked"]
-        dest_ref = prompt[comp_id]["inputs"]["destination"]
-        mask_ref = prompt[comp_id]["inputs"]["mask"]
-        original = outputs[dest_ref[0]][dest_ref[1]]
-        pixel_mask = outputs[mask_ref[0]][mask_ref[1]]
+        comp = prompt[comp_id]["inputs"]
+        assert comp["destination"] == [decode_id, 0], "the decoded batch must be the destination"
+        original = outputs[comp["source"][0]][comp["source"][1]]
+        (load_id,) = [i for i in by_type.get("ImagePadForOutpaint", by_type["LoadImage"])]
+        pixel_mask = outputs[load_id][1]  # the MASK before Invert Mask: 1 = regenerated
         assert tuple(images.shape[1:3]) == tuple(original.shape[1:3])
-        unmasked = (pixel_mask[0] == 0)
-        assert unmasked.any()
+        unmasked = pixel_mask[0] == 0
+        assert unmasked.any() and (~unmasked).any()
         assert torch.equal(images[:, unmasked], original.expand_as(images)[:, unmasked])
+        decoded = outputs[decode_id][0]
+        assert torch.equal(images[:, ~unmasked], decoded[:, ~unmasked])  # every result kept its new pixels
     else:  # variations: same grid as the input
         assert tokens_out.grid == encoded.grid
         assert tuple(images.shape[1:3]) == encoded.pixel_size
