@@ -1,0 +1,156 @@
+"""sundae-train resume and crash safety: exact resume (2N steps == N + resume + N), a save that
+dies half-way never becomes the checkpoint auto-resume picks, SIGTERM saves then exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from comfyui_sundae.trainer.checkpoint import CheckpointManager
+from comfyui_sundae.trainer.cli import main
+from comfyui_sundae.trainer.config import load_stage
+from comfyui_sundae.trainer.train_prior import train_prior
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread (no OpenMP barriers), and much faster when other
+    processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits8(tmp_path_factory, mnist):
+    images, labels = mnist
+    idx = np.concatenate([np.flatnonzero(labels == k)[:8] for k in range(10)])
+    x = images[idx].astype(np.float32)[:, 2:26, 2:26].reshape(-1, 8, 3, 8, 3).mean(axis=(2, 4))
+    path = tmp_path_factory.mktemp("digits") / "d8.npz"
+    np.savez(path, images=x.round().astype(np.uint8), labels=labels[idx])
+    return path
+
+
+@pytest.fixture
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _overrides(data, out, steps, every, extra=()):
+    return [
+        "model=tiny", f"data.path={data}", "data.eval_fraction=0.1", "codec.levels=16",
+        "optim.batch_size=4", "optim.grad_accum=2", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "optim.ema_decay=0.9", "sampling.steps=2", "sampling.num_samples=2",
+        f"run.out_dir={out}", f"run.max_steps={steps}", f"run.eval_every={every}", f"run.sample_every={every}",
+        f"run.checkpoint_every={every}", "run.log_every=1", "run.deterministic=true", "run.progress=false",
+        "run.tensorboard=false", *extra,
+    ]
+
+
+def test_resume_is_exact(tmp_path, digits8, _restore_determinism):
+    n = 3
+    straight, _ = load_stage("prior", None, _overrides(digits8, tmp_path / "a", 2 * n, n))
+    a = train_prior(straight, resume="never")
+    first, _ = load_stage("prior", None, _overrides(digits8, tmp_path / "b", n, n))
+    b1 = train_prior(first, resume="never")
+    second, _ = load_stage("prior", None, _overrides(digits8, tmp_path / "b", 2 * n, n))
+    b2 = train_prior(second, resume="auto")
+    assert b1["step"] == n and b2["step"] == 2 * n and len(b2["losses"]) == n
+    assert a["losses"] == b1["losses"] + b2["losses"]  # bit-identical losses, step by step
+    for key, value in a["model"].state_dict().items():
+        assert torch.equal(value, b2["model"].state_dict()[key]), key
+    for key, value in a["ema"].state_dict().items():
+        assert torch.equal(value, b2["ema"].state_dict()[key]), key
+    # and the run really trained: weights moved away from the step-N checkpoint
+    mid = b1["model"].state_dict()
+    assert any(not torch.equal(mid[k], v) for k, v in b2["model"].state_dict().items())
+    # metrics of the resumed run continue without duplicates
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 2 * n + 1))
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path, digits8, monkeypatch):
+    out = tmp_path / "run"
+    cfg, _ = load_stage("prior", None, _overrides(digits8, out, 4, 2, ["run.deterministic=false"]))
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the step-4 training state: half a file, then the process "dies"
+            with open(path, "wb") as fh:
+                fh.write(b"\x00" * 100)
+            raise OSError("simulated crash while writing the training state")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_prior(cfg, resume="never")
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step-00000002"]  # temp folder removed
+    assert json.loads((ck / "latest.json").read_text())["step"] == 2
+
+    # what a hard kill could leave behind: a torn folder without its manifest, one with a
+    # truncated file, and a stray partial folder -- none of them may be picked
+    torn = ck / "step-00000006"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\x00" * 10)
+    bad = ck / "step-00000008"
+    bad.mkdir()
+    for f in (ck / "step-00000002").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "training_state.pt").write_bytes(b"truncated")
+    (ck / ".step-00000010.partial-1").mkdir()
+    manager = CheckpointManager(ck)
+    assert manager.latest() == ck / "step-00000002"
+    assert manager.resolve_resume("auto") == ck / "step-00000002"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        manager.resolve_resume(str(bad))
+
+    result = train_prior(cfg, resume="auto")
+    assert result["step"] == 4 and len(result["losses"]) == 2 and result["export"]
+    assert (ck / "step-00000004" / "checkpoint.json").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, digits8):
+    out = tmp_path / "run"
+    args = ["prior", *[x for o in _overrides(digits8, out, 10_000, 10_000, ["run.deterministic=false"]) for x in ("--set", o)]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "comfyui_sundae.trainer", *args], stdout=err, stderr=err,
+                                env=env, cwd=tmp_path)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count("train/loss") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=240)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert code == 128 + signal.SIGTERM, log
+    assert "received SIGTERM" in log and "checkpoint saved" in log
+    latest = CheckpointManager(out / "checkpoints").latest()
+    assert latest is not None
+    stopped_at = int(latest.name.split("-")[1])
+    assert stopped_at >= 2 and not (out / "model.safetensors").exists()
+
+    res = CliRunner().invoke(main, ["prior", *args[1:], "--max-steps", str(stopped_at + 2)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    state = torch.load(out / "checkpoints" / f"step-{stopped_at + 2:08d}" / "training_state.pt", weights_only=True)
+    assert state["step"] == stopped_at + 2 and (out / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+    assert steps == list(range(1, stopped_at + 3))
