@@ -64,7 +64,8 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
         if spec.startswith("pixel"):
             codec = PixelCodec.from_spec(spec)
         elif spec.startswith("vqgan"):
-            sha = spec.partition("sha256=")[2]
+            fields = dict(item.partition("=")[::2] for item in spec.partition(":")[2].split(",") if "=" in item)
+            sha = fields.get("sha256", "")
             name = meta.get("sundae.vqgan_file", "")
             if not name:
                 raise ValueError(f"the prior {prior_source!r} records a VQ-GAN hash but no file name; pass --vqgan FILE")

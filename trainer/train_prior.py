@@ -67,6 +67,8 @@ class PriorData:
     encoder: Any = None  # codec that turns image batches into tokens (images only)
     decoder_source: str | None = None  # VQ-GAN source for previews (latents)
     channels: int = 1
+    preview_codec: Any = None  # loaded on first use (rank 0)
+    preview_tried: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +86,8 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         ds = LatentTokens(path, cfg.data)
         vq = ds.manifest["vqgan"]
         source = cfg.codec.vqgan or vq["source"]
-        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']}", "sundae.vqgan_file": vq["file"],
+        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']},factor={vq['downsample_factor']}",
+                "sundae.vqgan_file": vq["file"],
                 "sundae.vqgan_source": str(source)}
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
@@ -97,7 +100,7 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
             raise ConfigError("codec.kind = 'vqgan' needs codec.vqgan = a VQ-GAN file to encode the images with")
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
-        meta = {"sundae.codec": f"vqgan:sha256={sha}", "sundae.vqgan_file": name,
+        meta = {"sundae.codec": f"vqgan:sha256={sha},factor={codec.downsample_factor}", "sundae.vqgan_file": name,
                 "sundae.vqgan_source": str(cfg.codec.vqgan)}
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
@@ -459,9 +462,9 @@ def load_preview_codec(data: PriorData):
 def _preview(model, data: PriorData, cfg: TrainPriorConfig, path: Path, device) -> None:
     from ..sundae_lib import sample
 
-    if not hasattr(data, "_preview_codec"):
-        data._preview_codec = load_preview_codec(data)
-    codec = data._preview_codec
+    if not data.preview_tried:
+        data.preview_codec, data.preview_tried = load_preview_codec(data), True
+    codec = data.preview_codec
     if codec is None:
         return
     s = cfg.sampling
