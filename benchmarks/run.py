@@ -7,9 +7,11 @@ Measured side by side in one process (random weights; timings do not depend on t
              weights), FLOPs (FlopCounterMode, one forward), achieved FLOP/s vs the peak, peak
              memory, SDPA kernels used, fp32-vs-bf16 argmax agreement of the logits
   hourglass  hourglass vs flat transformer of the same width and total depth at 32x32
-  sampler    `sample` time per step minus the forward time (overhead), forwards and batch sizes
-             per step, inference mode, CFG in one forward, host syncs per step, early stop on a
-             peaked toy prior (the shrinking batch)
+  sampler    `sample` time per step minus the forward time (overhead), forward batch sizes,
+             100 real steps where affordable (else a few steps, extrapolated and labelled)
+  checks     CFG in one forward, inference mode, host syncs per step (a dispatch-mode count;
+             on CUDA also torch.cuda.set_sync_debug_mode), early stop on a peaked toy prior
+             (the shrinking batch); on CUDA the cost of the prior's own token-range check
   decode     VQ-GAN decode 256^2 (taming f16) and 1024^2 (f32); with the sampler: s / image
 
 then PASS/MISS lines for the targets and the tables. ``--write-results`` puts them into
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -59,6 +62,7 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 # prior preset -> VQ-GAN preset ("tiny" pairs only serve quick checks of this script)
 CODEC_FOR = {"ffhq256": "taming-f16-1024", "ffhq1024": "ffhq1024-f32", "tiny": "tiny"}
 BF16 = ("bf16-autocast", "bf16-weights")
+SECTIONS = ("forward", "hourglass", "sampler", "checks", "decode")
 
 
 def log(msg: str) -> None:
@@ -86,6 +90,11 @@ class Env:
         self.cuda = self.device.type == "cuda"
         self.quick = quick
         self.hwm_resettable = False
+        self.rss0 = 0.0
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self._libc = None
 
     def sync(self) -> None:
         if self.cuda:
@@ -97,17 +106,24 @@ class Env:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        if self._libc is not None:  # hand freed heap pages back, so RSS = live memory
+            self._libc.malloc_trim(0)
         try:  # "5" resets the peak RSS (VmHWM) of this process to the current RSS
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
             self.hwm_resettable = True
         except OSError:
             self.hwm_resettable = False
+        self.rss0 = _proc_kb("VmRSS") / 1024
 
-    def peak_mib(self) -> float:
+    def peak_mib(self) -> tuple[float, float]:
+        """(peak, peak minus the memory in use at ``reset_peak``) in MiB."""
         if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return _proc_kb("VmHWM") / 1024
+            return (torch.cuda.max_memory_allocated(self.device) / 2**20,
+                    (torch.cuda.max_memory_allocated(self.device)
+                     - torch.cuda.memory_allocated(self.device)) / 2**20)
+        peak = _proc_kb("VmHWM") / 1024
+        return peak, peak - self.rss0
 
     def timed(self, fn, *, warmup: int, repeats: int, budget_s: float):
         """Median seconds of ``fn()`` (synchronised), all times, and the last output. Stops
@@ -173,6 +189,9 @@ def build_prior(env: Env, name: str, **overrides) -> SundaePrior:
 
 def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """The same module with its forward compiled (attributes stay reachable for ``sample``)."""
+    for knob in ("recompile_limit", "cache_size_limit"):  # batch sizes x model instances
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
     twin = copy.copy(model)  # shares parameters; only the forward attribute differs
     twin.forward = torch.compile(model.forward, mode=None if mode == "default" else mode)
     return twin
@@ -202,17 +221,20 @@ def cpu_facts() -> dict:
     }
 
 
-def measure_peaks(env: Env) -> dict:
-    """Best measured GFLOP/s per dtype over a few GEMM call paths."""
+def measure_peaks(env: Env, when: str, peaks: dict | None = None) -> dict:
+    """Best GFLOP/s per dtype over a few GEMM call paths (fastest of the repeats: a peak). Run
+    at the start and again at the end, since a shared machine's load moves."""
     big = 8192 if env.cuda else (1536 if env.quick else 2048)
     variants = [  # (dtype key, label, n, dtype, how)
         ("fp32", "mm", big, torch.float32, "mm"),
         ("fp32", "F.linear", big, torch.float32, "linear"),
         ("bf16", "mm", big if env.cuda else 512, torch.bfloat16, "mm"),
         ("bf16", "F.linear", big if env.cuda else 1024, torch.bfloat16, "linear"),
-        ("bf16", "autocast F.linear (fp32 in)", big if env.cuda else 1024, torch.float32, "autocast"),
+        ("bf16", "autocast F.linear (fp32 in)", big if env.cuda else 1024, torch.float32,
+         "autocast"),
     ]
-    rows, best = [], {"fp32": 0.0, "bf16": 0.0}
+    peaks = peaks or {"rows": [], "best": {"fp32": 0.0, "bf16": 0.0},
+                      "tf32": torch.backends.cuda.matmul.allow_tf32}
     gen = torch.Generator(device=env.device).manual_seed(0)
     for key, label, n, dtype, how in variants:
         a = torch.randn(n, n, device=env.device, dtype=dtype, generator=gen)
@@ -224,21 +246,22 @@ def measure_peaks(env: Env) -> dict:
             with autocast_ctx(env, "bf16-autocast" if how == "autocast" else "fp32"):
                 return torch.nn.functional.linear(a, b)
 
-        med, _, _ = env.timed(fn, warmup=1, repeats=20 if env.cuda else 3, budget_s=3.0)
-        gflops = 2 * n**3 / med / 1e9
-        best[key] = max(best[key], gflops)
-        rows.append((key, label, n, med * 1e3, gflops))
-        log(f"peak {key} {label} n={n}: {gflops:.1f} GFLOP/s")
+        _, times, _ = env.timed(fn, warmup=1, repeats=20 if env.cuda else 4, budget_s=3.0)
+        gflops = 2 * n**3 / min(times) / 1e9
+        peaks["best"][key] = max(peaks["best"][key], gflops)
+        peaks["rows"].append((key, label, when, n, min(times) * 1e3, gflops))
+        log(f"peak ({when}) {key} {label} n={n}: {gflops:.1f} GFLOP/s")
         del a, b
-    return {"rows": rows, "best": best, "tf32": torch.backends.cuda.matmul.allow_tf32}
+    return peaks
 
 
 def bench_threads(env: Env, res: dict) -> None:
     """CPU: ``small`` b1 forward with 1 thread vs all, interleaved. On a shared, oversubscribed
     machine OpenMP regions wait for descheduled threads, and small ops suffer most."""
     model, n = build_prior(env, "small"), torch.get_num_threads()
+    most = max(n, os.cpu_count() or 1)
     x = torch.randint(0, model.codebook_size, (1, *model.config.grid))
-    times: dict[int, list[float]] = {1: [], n: []}
+    times: dict[int, list[float]] = {1: [], most: []}
 
     def fn():
         with torch.inference_mode():
@@ -272,6 +295,8 @@ def bench_forward(env: Env, args, peaks: dict, res: dict) -> None:
         res.setdefault("flops", {})[name] = flops1
         res.setdefault("params", {})[name] = model.num_parameters()
         argmax: dict = {}
+        diag: dict = {}  # fp32 median top-1/top-2 logit gap; median |bf16 - fp32| logit
+        ref = None
         for precision in args.precisions:
             m_eager = model_in(model, precision)
             variants = [("eager", m_eager)]
@@ -318,6 +343,12 @@ def bench_forward(env: Env, args, peaks: dict, res: dict) -> None:
                     if label == "eager":
                         argmax[(precision, b)] = out.float().argmax(-1)
                         if b == min(args.batches):
+                            if precision == "fp32":
+                                ref = out.float()
+                                top2 = ref.topk(2, dim=-1).values
+                                diag["gap"] = (top2[..., 0] - top2[..., 1]).median().item()
+                            elif ref is not None:
+                                diag[precision] = (out.float() - ref).abs().median().item()
                             g = torch.Generator(device=env.device).manual_seed(2)
                             u = torch.rand(out.shape, device=env.device, generator=g)
                             gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
@@ -330,8 +361,9 @@ def bench_forward(env: Env, args, peaks: dict, res: dict) -> None:
             if precision != "fp32" and ref is not None:
                 agree.append(dict(preset=name, precision=precision, batch=rest[0],
                                   kind="sampled T=1, shared noise" if rest[1:] else "argmax",
-                                  pct=100 * (toks == ref).float().mean().item()))
-        del model, argmax
+                                  pct=100 * (toks == ref).float().mean().item(),
+                                  gap=diag.get("gap"), dlogit=diag.get(precision)))
+        del model, argmax, ref
         gc.collect()
 
 
@@ -513,7 +545,6 @@ def bench_sampler(env: Env, args, res: dict) -> None:
                     rows.append(dict(r, preset=name, variant=label, precision=precision))
         del model, variants
         gc.collect()
-    bench_sampler_checks(env, args, res)
 
 
 def bench_sampler_checks(env: Env, args, res: dict) -> None:
@@ -679,6 +710,10 @@ def _fmt(v, nd=1) -> str:
     return str(v)
 
 
+def _mem(m: tuple[float, float]) -> str:
+    return f"{m[0]:,.0f} (+{m[1]:,.0f})"
+
+
 def table(headers: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return out + ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
@@ -724,9 +759,12 @@ def targets(env: Env, res: dict) -> list[str]:
         if not ref or not ag:
             continue
         speed = ref[0]["ms"] / r["ms"]
+        smp = find(agree, preset=r["preset"], batch=r["batch"], precision=r["precision"],
+                   kind="sampled T=1, shared noise")
         line(speed >= 2 and ag[0]["pct"] >= 99,
              f"{r['precision']} >= 2x faster than fp32, >= 99% argmax agreement "
-             f"({r['preset']} b{r['batch']}): {speed:.2f}x, {ag[0]['pct']:.2f}%")
+             f"({r['preset']} b{r['batch']}): {speed:.2f}x, {ag[0]['pct']:.2f}%"
+             + (f" (sampled tokens: {smp[0]['pct']:.2f}%)" if smp else ""))
     peaks = res["peaks"]["best"]
     for key, precs in (("fp32", ("fp32",)), ("bf16", BF16)):
         cand = [r for r in fw if r["preset"] == "ffhq1024" and r["precision"] in precs]
@@ -800,11 +838,18 @@ def render(env: Env, args, res: dict) -> list[str]:
           f"`{m['command']}` — {m['date']}, {m['machine']}, torch {m['torch']}, "
           f"{m['threads']} threads, load average {m['load_start']} at start / {m['load_end']} "
           f"at end (1/5/15 min), {m['elapsed_min']:.1f} min. Random weights; times are medians.",
-          ""]
+          "", "Peak memory: " + ("`torch.cuda.max_memory_allocated`, (+ the part above what "
+                                 "stayed allocated)." if env.cuda else
+                                 "peak RSS of the process during the measurement (VmHWM reset "
+                                 "before it, after malloc_trim), (+ the part above the RSS at "
+                                 "its start, i.e. activations and workspace; the weights are "
+                                 "in the first number)."), ""]
     if "peaks" in res:
         p = res["peaks"]
-        md += ["Measured matmul peak (square GEMMs, random data):", ""]
-        md += table(["dtype", "call", "n", "ms", "GFLOP/s"], [list(r) for r in p["rows"]])
+        md += ["Measured matmul peak (square GEMMs, random data, fastest of the repeats; the "
+               "best per dtype is the peak used below):", ""]
+        md += table(["dtype", "call", "measured", "n", "ms", "GFLOP/s"],
+                    [list(r) for r in p["rows"]])
         if not env.cuda:
             f = res["cpu"]
             ratio = p["best"]["fp32"] / max(p["best"]["bf16"], 1e-9)
@@ -825,17 +870,23 @@ def render(env: Env, args, res: dict) -> list[str]:
     if fw:
         md += ["Prior forward (one denoising step):", ""]
         md += table(["preset", "params M", "batch", "precision", "variant", "ms/step", "GFLOP",
-                     "GFLOP/s", "% of peak", "peak mem MiB", "runs", "SDPA kernels"],
+                     "GFLOP/s", "% of peak", "peak mem MiB (+extra)", "runs", "SDPA kernels"],
                     [[r["preset"], res["params"][r["preset"]] / 1e6, r["batch"], r["precision"],
                       r["variant"] + (f" (1st call {r['first_call_s']:.1f} s)"
                                       if r["variant"] == "compiled" and r["first_call_s"] else ""),
-                      r["ms"], r["gflop"], r["gflops"], r["pct_peak"], r["mem_mib"], r["runs"],
+                      r["ms"], r["gflop"], r["gflops"], r["pct_peak"], _mem(r["mem_mib"]), r["runs"],
                       r["kernels"] or "–"] for r in fw])
         md.append("")
     if res.get("agreement"):
-        md += ["bf16 vs fp32 on the same tokens (% of positions with the same token):", ""]
-        md += table(["preset", "batch", "precision", "compared", "agreement %"],
-                    [[a["preset"], a["batch"], a["precision"], a["kind"], f"{a['pct']:.2f}"]
+        md += ["bf16 vs fp32 on the same tokens (% of positions with the same token). Random "
+               "weights give nearly flat logits: where the fp32 top-1/top-2 gap is below the "
+               "bf16 logit error the argmax flips; sampling at T = 1 with shared noise is what "
+               "the sampler does:", ""]
+        md += table(["preset", "batch", "precision", "compared", "agreement %",
+                     "fp32 median top1-top2 gap", "median abs(bf16 - fp32) logit"],
+                    [[a["preset"], a["batch"], a["precision"], a["kind"], f"{a['pct']:.2f}",
+                      f"{a['gap']:.4f}" if a["gap"] is not None else "–",
+                      f"{a['dlogit']:.4f}" if a["dlogit"] is not None else "–"]
                      for a in res["agreement"]])
         md.append("")
     if res.get("hourglass"):
@@ -852,11 +903,11 @@ def render(env: Env, args, res: dict) -> list[str]:
                "'extrapolated' = first step + (steps-1) x median of steps 2..k:", ""]
         md += table(["preset", "batch", "variant", "early stop", "steps run", "total s",
                      "ms/step", "forward ms", "overhead %", "forward batch sizes",
-                     "peak mem MiB"],
+                     "peak mem MiB (+extra)"],
                     [[s["preset"], s["batch"], s["variant"], "on" if s["early_stop"] else "off",
                       f"{s['steps_run']}" + (" (extrapolated)" if s["extrapolated"] else ""),
                       s["total_s"], s["step_s"] * 1e3, s["fwd_s"] * 1e3, s["overhead_pct"],
-                      _runs(s["batches"]), s["mem_mib"]] for s in res["sampler"]])
+                      _runs(s["batches"]), _mem(s["mem_mib"])] for s in res["sampler"]])
         md.append("")
     ch = res.get("sampler_checks", {})
     if "toy" in ch:
@@ -883,9 +934,9 @@ def render(env: Env, args, res: dict) -> list[str]:
     if res.get("decode"):
         md += ["VQ-GAN decode (random weights):", ""]
         md += table(["codec", "batch", "pixels", "precision", "s", "GFLOP", "GFLOP/s",
-                     "peak mem MiB", "runs"],
+                     "peak mem MiB (+extra)", "runs"],
                     [[d["codec"], d["batch"], f"{d['px']}^2", d["precision"], d["ms"] / 1e3,
-                      d["gflop"], d["gflops"], d["mem_mib"],
+                      d["gflop"], d["gflops"], _mem(d["mem_mib"]),
                       d["note"] or d["runs"]] for d in res["decode"]])
         md.append("")
     e2e = e2e_rows(res)
@@ -970,7 +1021,7 @@ def parse_args(argv=None):
                     help="for hourglass/sampler: default fp32 (cpu) / bf16-weights (cuda)")
     ap.add_argument("--decode-precision", default="bf16-autocast", choices=PRECISIONS,
                     help="CUDA decode precision (CPU decodes in fp32)")
-    ap.add_argument("--sections", default="forward,hourglass,sampler,decode",
+    ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="the matmul peak is always measured")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--compile", nargs="?", const="all", default=None, metavar="PRESETS",
@@ -995,10 +1046,10 @@ def parse_args(argv=None):
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.sections = set(args.sections.split(","))
     bad = [p for p in args.precisions if p not in PRECISIONS] + [
-        s for s in args.sections if s not in ("forward", "hourglass", "sampler", "decode")]
+        s for s in args.sections if s not in SECTIONS]
     if bad:
         ap.error(f"unknown precision/section {bad}; precisions: {PRECISIONS}, sections: "
-                 "forward,hourglass,sampler,decode")
+                 f"{SECTIONS}")
     if args.compile is not None:
         args.compile = set(args.presets if args.compile == "all" else args.compile.split(","))
     args.main_precision = args.main_precision or ("bf16-weights" if cuda else "fp32")
@@ -1024,13 +1075,19 @@ def main(argv=None) -> int:
         machine = f"{torch.cuda.get_device_name(env.device)} (cc {torch.cuda.get_device_capability()})"
     else:
         machine = f"{res['cpu']['cpu']} ({os.cpu_count()} cores, {res['cpu']['capability']})"
-    res["peaks"] = measure_peaks(env)  # always: the forward section sizes itself with it
+    res["peaks"] = measure_peaks(env, "start")  # always: the forward section sizes with it
     if not env.cuda and "forward" in args.sections:
         bench_threads(env, res)
     for section, fn in (("forward", bench_forward), ("hourglass", bench_hourglass),
-                        ("sampler", bench_sampler), ("decode", bench_decode)):
+                        ("sampler", bench_sampler), ("checks", bench_sampler_checks),
+                        ("decode", bench_decode)):
         if section in args.sections:
             fn(env, args, *((res["peaks"], res) if section == "forward" else (res,)))
+    if not env.quick:
+        measure_peaks(env, "end", res["peaks"])
+        for r in res.get("forward", []):  # % of the final (best) peak
+            r["pct_peak"] = 100 * r["gflops"] / res["peaks"]["best"][
+                "fp32" if r["precision"] == "fp32" else "bf16"]
     res["targets"] = targets(env, res)
     res["meta"] = dict(command="python " + " ".join([sys.argv[0], *sys.argv[1:]]),
                        date=time.strftime("%Y-%m-%d %H:%M"), machine=machine,
