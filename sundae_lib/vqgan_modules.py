@@ -38,9 +38,15 @@ def normalize(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
-def swish(x: torch.Tensor) -> torch.Tensor:
+def swish(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """taming's ``nonlinearity``: x * sigmoid(x) (= SiLU)."""
-    return F.silu(x)
+    return F.silu(x, inplace=inplace)
+
+
+def _inference() -> bool:
+    """True when no graph is being recorded: blocks may then overwrite their temporaries in
+    place (same values, one activation-sized buffer less at megapixel sizes)."""
+    return not torch.is_grad_enabled()
 
 
 class ResnetBlock(nn.Module):
@@ -62,11 +68,15 @@ class ResnetBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        # one statement per step so each temporary is freed as soon as the next one exists
+        inplace = _inference()
+        h = swish(self.norm1(x), inplace=inplace)
+        h = self.conv1(h)
+        h = swish(self.norm2(h), inplace=inplace)
+        h = self.conv2(self.dropout(h))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 class AttnBlock(nn.Module):
@@ -177,7 +187,7 @@ class Encoder(nn.Module):
             if level != self.num_levels - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), inplace=_inference()))
 
 
 class Decoder(nn.Module):
@@ -221,7 +231,8 @@ class Decoder(nn.Module):
                     h = up.attn[j](h)
             if level != 0:
                 h = up.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        h = swish(self.norm_out(h), inplace=_inference())
+        return self.conv_out(h)
 
 
 # --------------------------------------------------------------------------------------------

@@ -310,6 +310,15 @@ def test_matches_functional_taming_reference(overrides):
     assert out.shape == (2, 3, 32, 24)
 
 
+def test_inference_in_place_path_equals_autograd_path():
+    model = _tiny()
+    x = _images()
+    with torch.no_grad():  # blocks overwrite temporaries in place
+        fast = model.decode_codes(model.encode_to_latent(x))
+    slow = model.decode_codes(model.encode_to_latent(x))  # graph recorded: out-of-place
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
+
+
 def test_attention_matches_explicit_softmax_at_large_scale():
     block = _randomize(vm.AttnBlock(16, groups=4))
     x = torch.randn(2, 16, 9, 7) * 3
