@@ -107,6 +107,14 @@ class TablePrior(FakePrior):
         return uncond + self.mix_scale * (cond - uncond)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add sync overhead on a busy machine
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_prior(**overrides) -> SundaePrior:
     torch.manual_seed(0)
     return SundaePrior(PriorConfig.preset("tiny", **overrides))
