@@ -459,10 +459,21 @@ class SundaePrior(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, h, w] int64, labels [b] | None -> logits [b, h, w, codebook_size]."""
-        tokens = self.check_tokens(tokens)
-        labels = self.resolve_labels(labels, tokens.shape[0], tokens.device)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
+                validate: bool = True) -> torch.Tensor:
+        """tokens [b, h, w] int64, labels [b] | None -> logits [b, h, w, codebook_size].
+
+        ``validate=False`` skips the value-range checks of tokens and labels (each costs a host
+        synchronisation); callers that validated once up front, like the sampler's step loop,
+        use it. Labels must then already be int64 ``[b]`` with ``-1`` for the null class."""
+        if validate:
+            tokens = self.check_tokens(tokens)
+            labels = self.resolve_labels(labels, tokens.shape[0], tokens.device)
+        elif labels is not None:
+            labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
+        elif self.num_classes:
+            labels = torch.full((tokens.shape[0],), self.num_classes, dtype=torch.long,
+                                device=tokens.device)
         x = self.token_emb(tokens)  # [b, h, w, d]
         if labels is not None:
             x = x + rearrange(self.class_emb(labels), "b d -> b 1 1 d")

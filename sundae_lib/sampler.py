@@ -48,6 +48,7 @@ from .loss import (
     uniform,
     unwrap_prior,
 )
+from .prior import SundaePrior
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +171,15 @@ def _guided_logits(
 ) -> torch.Tensor:
     """Float32 logits ``[n, h, w, k]``; with guidance (``cfg_scale != 1``) the conditional and the
     null-class branch run in one batched forward and mix as ``u + s * (c - u)``."""
+    # inputs were validated once before the loop: skip the prior's per-call range checks (host
+    # syncs) when it is our own SundaePrior (possibly DDP / torch.compile wrapped)
+    kwargs = {"validate": False} if isinstance(unwrap_prior(prior), SundaePrior) else {}
     if cfg_scale == 1.0:
-        out = prior(tokens, labels)
+        out = prior(tokens, labels, **kwargs)
     else:
         both = torch.cat([tokens, tokens])
         null = torch.full_like(labels, -1)
-        out = prior(both, torch.cat([labels, null]))
+        out = prior(both, torch.cat([labels, null]), **kwargs)
     expected = (tokens.shape[0] * (1 if cfg_scale == 1.0 else 2), *tokens.shape[1:], k)
     if tuple(out.shape) != expected:
         raise ValueError(

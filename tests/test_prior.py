@@ -494,3 +494,15 @@ def test_null_class_and_conditioning():
     mixed = prior(tokens, torch.tensor([0, 1]))
     torch.testing.assert_close(mixed[0], cls0[0])
     torch.testing.assert_close(mixed[1], cls1[1])
+
+
+def test_unvalidated_forward_equals_validated_forward():
+    """``validate=False`` (used inside the sampler loop to avoid host syncs) changes nothing but
+    the checks: same logits for explicit, null (-1) and omitted labels."""
+    prior = tiny(num_classes=3)
+    tokens = torch.randint(0, prior.codebook_size, (3, 5, 7))
+    labels = torch.tensor([0, -1, 2])
+    with torch.no_grad():
+        assert torch.equal(prior(tokens, labels), prior(tokens, labels, validate=False))
+        assert torch.equal(prior(tokens, None), prior(tokens, None, validate=False))
+        assert torch.equal(prior(tokens, torch.full((3,), -1)), prior(tokens, None, validate=False))
