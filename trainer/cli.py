@@ -161,9 +161,9 @@ Examples:
 @config_option
 @set_option
 @resume_option
-@click.option("--out", help="Shortcut for --set run.out_dir=DIR.")
-@click.option("--max-steps", type=int, help="Shortcut for --set run.max_steps=N.")
-@click.option("--device", help="Shortcut for --set run.device=... (auto, cpu, cuda, cuda:N).")
+@click.option("--out", metavar="DIR", help="Shortcut for --set run.out_dir=DIR.")
+@click.option("--max-steps", type=int, metavar="N", help="Shortcut for --set run.max_steps=N.")
+@click.option("--device", metavar="DEVICE", help="Shortcut for --set run.device=... (auto, cpu, cuda, cuda:N).")
 @print_option
 def prior(config, sets, resume, out, max_steps, device, print_config) -> None:
     """Train a SUNDAE prior on a latent dataset (from 'latents') or on images with the pixel codec.
@@ -196,9 +196,9 @@ Examples:
 @config_option
 @set_option
 @resume_option
-@click.option("--out", help="Shortcut for --set run.out_dir=DIR.")
-@click.option("--max-steps", type=int, help="Shortcut for --set run.max_steps=N.")
-@click.option("--device", help="Shortcut for --set run.device=...")
+@click.option("--out", metavar="DIR", help="Shortcut for --set run.out_dir=DIR.")
+@click.option("--max-steps", type=int, metavar="N", help="Shortcut for --set run.max_steps=N.")
+@click.option("--device", metavar="DEVICE", help="Shortcut for --set run.device=...")
 @print_option
 def vqgan(config, sets, resume, out, max_steps, device, print_config) -> None:
     """Train a VQ-GAN codec (L1 + optional LPIPS + PatchGAN + codebook losses).
@@ -229,11 +229,11 @@ Examples:
 """)
 @config_option
 @set_option
-@click.option("--vqgan", "vqgan_source", help="Shortcut for --set vqgan=SOURCE (file, folder or hf://).")
-@click.option("--data", help="Shortcut for --set data.path=PATH.")
-@click.option("--out", help="Shortcut for --set out_dir=DIR.")
+@click.option("--vqgan", "vqgan_source", metavar="SOURCE", help="Shortcut for --set vqgan=SOURCE (file, folder or hf://).")
+@click.option("--data", metavar="PATH", help="Shortcut for --set data.path=PATH.")
+@click.option("--out", metavar="DIR", help="Shortcut for --set out_dir=DIR.")
 @click.option("--flip/--no-flip", default=None, help="Also store horizontally flipped twins.")
-@click.option("--device", help="Shortcut for --set device=...")
+@click.option("--device", metavar="DEVICE", help="Shortcut for --set device=...")
 @print_option
 def latents(config, sets, vqgan_source, data, out, flip, device, print_config) -> None:
     """Encode an image dataset with a VQ-GAN into a compact, resumable token dataset."""

@@ -393,7 +393,10 @@ def _to_tokens(x: torch.Tensor, y: torch.Tensor, data: PriorData, prior_cfg, dev
 def _load_checkpoint(folder, prior, ema, optimizer, schedule, scaler, order, generators, info) -> tuple[int, Any]:
     from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
 
-    load_state_dict_strict(prior, load_safetensors(folder / MODEL), what=f"checkpoint {folder}")
+    load_state_dict_strict(
+        prior, load_safetensors(folder / MODEL),
+        what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
+    )
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])

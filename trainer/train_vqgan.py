@@ -296,7 +296,10 @@ def _load(folder: Path, model, vq_loss, ema, optim_parts, order, generators, inf
     from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
 
     opt_g, opt_d, sched_g, scaler_g, scaler_d = optim_parts
-    load_state_dict_strict(model, load_safetensors(folder / MODEL), what=f"checkpoint {folder}")
+    load_state_dict_strict(
+        model, load_safetensors(folder / MODEL),
+        what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
+    )
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
