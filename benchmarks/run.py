@@ -21,8 +21,9 @@ then PASS/MISS lines for the targets and the tables. ``--write-results`` puts th
     python benchmarks/run.py --quick                      # dry run, skipped items listed
     python benchmarks/run.py --device cuda --batches 1,16 --compile   # see benchmarks/gpu.sh
 
-Peak memory: CPU = peak RSS of this process (VmHWM, reset through /proc/self/clear_refs before
-each measurement, so it includes the weights and everything else alive); CUDA =
+Peak memory: CPU = peak RSS of this process (VmHWM, reset through /proc/self/clear_refs after
+``malloc_trim`` before each measurement: it includes the weights and everything else alive),
+with the part above the RSS at the measurement's start; CUDA =
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 """
 
@@ -42,18 +43,10 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines quiet
-
-import torch  # noqa: E402
-from comfyui_sundae.sundae_lib import (  # noqa: E402
-    VQGAN,
-    PriorConfig,
-    SundaePrior,
-    VQGANConfig,
-    sample,
-)
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
+import torch
+from comfyui_sundae.sundae_lib import VQGAN, PriorConfig, SundaePrior, VQGANConfig, sample
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -324,6 +317,7 @@ def bench_forward(env: Env, args, peaks: dict, res: dict) -> None:
                         env.sync()
                         t0 = time.perf_counter()
                         kernels, out = sdpa_kernels(fn)
+                        kernels = kernels if label == "eager" else ""  # compiling runs SDPA too
                         env.sync()
                         first_s = time.perf_counter() - t0
                     slow = not env.cuda and label == "eager" and (first_s or est) > args.budget_s
@@ -538,6 +532,10 @@ def bench_sampler(env: Env, args, res: dict) -> None:
                 full = env.cuda or est <= args.sample_budget_s
                 modes = ((False, True) if env.cuda or est <= args.sample_budget_s / 2 else
                          (True,)) if full and label == "eager" else (False,)
+                if label == "compiled":  # compile for this batch size outside the timing
+                    with torch.inference_mode(), autocast_ctx(env, precision):
+                        m(torch.randint(0, m.codebook_size, (b, *m.config.grid),
+                                        device=env.device))
                 for es in modes:
                     log(f"sampler {name} b{b} {label} early_stop={es} "
                         f"({'full' if full else 'extrapolated'})")
