@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,8 @@ def encode_latents(cfg: LatentsConfig, *, argv: list[str] | None = None, progres
 
     if not cfg.vqgan:
         raise ValueError("latents: no VQ-GAN given; pass --vqgan PATH (or --set vqgan=...)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("latents runs as one process (shards are written by a single writer); run it without torchrun")
     from ..sundae_lib._helpers import is_hf_source
     from .config import resolve_input_path
 
