@@ -218,32 +218,37 @@ def measure_peaks(env: Env, when: str, peaks: dict | None = None) -> dict:
     """Best GFLOP/s per dtype over a few GEMM call paths (fastest of the repeats: a peak). Run
     at the start and again at the end, since a shared machine's load moves."""
     big = 8192 if env.cuda else (1536 if env.quick else 2048)
-    variants = [  # (dtype key, label, n, dtype, how)
-        ("fp32", "mm", big, torch.float32, "mm"),
-        ("fp32", "F.linear", big, torch.float32, "linear"),
-        ("bf16", "mm", big if env.cuda else 512, torch.bfloat16, "mm"),
-        ("bf16", "F.linear", big if env.cuda else 1024, torch.bfloat16, "linear"),
-        ("bf16", "autocast F.linear (fp32 in)", big if env.cuda else 1024, torch.float32,
-         "autocast"),
+    tok = 16 * 1024 if env.cuda else 1024  # tokens of a 32x32 grid (x16 batch on CUDA)
+    ff = (tok, 1024, 4096)  # the prior's feed-forward GEMM at width 1024: [m, k] x [k, n]
+    ff256 = (tok // 4, 1024, 4096)  # the same at 16x16 (ffhq256, or the valley of ffhq1024)
+    variants = [  # (dtype key, label, (m, k, n), dtype, how); mm is a @ b.T
+        ("fp32", "mm", (big,) * 3, torch.float32, "mm"),
+        ("fp32", "F.linear, FF shape", ff, torch.float32, "linear"),
+        ("fp32", "F.linear, FF shape", ff256, torch.float32, "linear"),
+        ("bf16", "mm", (big if env.cuda else 512,) * 3, torch.bfloat16, "mm"),
+        ("bf16", "F.linear", (big,) * 3, torch.bfloat16, "linear"),
+        ("bf16", "F.linear, FF shape", ff, torch.bfloat16, "linear"),
+        ("bf16", "F.linear, FF shape", ff256, torch.bfloat16, "linear"),
+        ("bf16", "autocast F.linear (fp32 in), FF shape", ff, torch.float32, "autocast"),
     ]
     peaks = peaks or {"rows": [], "best": {"fp32": 0.0, "bf16": 0.0},
                       "tf32": torch.backends.cuda.matmul.allow_tf32}
     gen = torch.Generator(device=env.device).manual_seed(0)
-    for key, label, n, dtype, how in variants:
-        a = torch.randn(n, n, device=env.device, dtype=dtype, generator=gen)
-        b = torch.randn(n, n, device=env.device, dtype=dtype, generator=gen)
+    for key, label, (m, k, n), dtype, how in variants:
+        a = torch.randn(m, k, device=env.device, dtype=dtype, generator=gen)
+        b = torch.randn(n, k, device=env.device, dtype=dtype, generator=gen)
 
         def fn(a=a, b=b, how=how):
             if how == "mm":
-                return a @ b
+                return a @ b.T
             with autocast_ctx(env, "bf16-autocast" if how == "autocast" else "fp32"):
                 return torch.nn.functional.linear(a, b)
 
         _, times, _ = env.timed(fn, warmup=1, repeats=20 if env.cuda else 4, budget_s=3.0)
-        gflops = 2 * n**3 / min(times) / 1e9
+        gflops = 2 * m * k * n / min(times) / 1e9
         peaks["best"][key] = max(peaks["best"][key], gflops)
-        peaks["rows"].append((key, label, when, n, min(times) * 1e3, gflops))
-        log(f"peak ({when}) {key} {label} n={n}: {gflops:.1f} GFLOP/s")
+        peaks["rows"].append((key, label, when, f"{m}x{k}x{n}", min(times) * 1e3, gflops))
+        log(f"peak ({when}) {key} {label} {m}x{k}x{n}: {gflops:.1f} GFLOP/s")
         del a, b
     return peaks
 
@@ -427,18 +432,19 @@ class ForwardProbe:
         self.model, self.env, self.transform = model, env, transform
         self.orig = model.forward
         self.own = model.__dict__.get("forward")  # a compiled twin has its own forward
+        self.force: dict = {}  # keyword arguments forced onto every forward (what-if runs)
         self.batches: list[int] = []
         self.inference: list[bool] = []
         self.spans: list = []
         model.forward = self
 
-    def __call__(self, tokens, labels=None):
+    def __call__(self, tokens, labels=None, **kwargs):
         if self.env.cuda:
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
         else:
             t0 = time.perf_counter()
-        out = self.orig(tokens, labels)
+        out = self.orig(tokens, labels, **{**kwargs, **self.force})
         if self.transform is not None:
             out = self.transform(tokens, out)
         if self.env.cuda:
@@ -464,10 +470,12 @@ class ForwardProbe:
 
 
 def run_sampler(env: Env, model, *, batch: int, steps: int, early_stop: bool, precision: str,
-                stop_after: int | None = None, transform=None, **kwargs) -> dict:
+                stop_after: int | None = None, transform=None, force=None, **kwargs) -> dict:
     """One ``sample`` call, instrumented. ``stop_after``: cancel after that many steps (the
-    per-step time is then extrapolated to ``steps``)."""
+    per-step time is then extrapolated to ``steps``). ``force``: keyword arguments forced onto
+    every forward."""
     probe = ForwardProbe(model, env, transform)
+    probe.force = dict(force or {})
     stamps: list[float] = []
 
     def callback(step, total, tokens):
@@ -604,17 +612,15 @@ def bench_sampler_checks(env: Env, args, res: dict) -> None:
         log(f"peaked toy early_stop={es}: {toy[es]['total_s']:.2f} s, {toy[es]['forwards']} fwd")
     checks["toy"] = toy
     del cond, small, probe
-    if env.cuda:  # what the prior's own token check (a host read per forward) costs per step
+    if env.cuda:  # what one host sync per step costs: the prior's range checks forced on
         name = "ffhq1024" if "ffhq1024" in args.presets else args.presets[-1]
         model = model_in(build_prior(env, name), args.main_precision)
-        times: dict[str, list[float]] = {"with check": [], "check skipped": []}
+        times: dict[str, list[float]] = {"sampler default": [], "validate=True forced": []}
         for _ in range(2):
             for label in times:
-                if label == "check skipped":
-                    model.check_tokens = lambda t: t.long()  # instance attribute shadows it
                 r = run_sampler(env, model, batch=1, steps=args.steps, early_stop=False,
-                                precision=args.main_precision)
-                model.__dict__.pop("check_tokens", None)
+                                precision=args.main_precision,
+                                force={"validate": True} if "forced" in label else None)
                 times[label].append(r["step_s"])
         checks["token_check"] = dict(preset=name, **{k: min(v) for k, v in times.items()})
         del model
@@ -860,7 +866,7 @@ def render(env: Env, args, res: dict) -> list[str]:
         p = res["peaks"]
         md += ["Measured matmul peak (square GEMMs, random data, fastest of the repeats; the "
                "best per dtype is the peak used below):", ""]
-        md += table(["dtype", "call", "measured", "n", "ms", "GFLOP/s"],
+        md += table(["dtype", "call", "measured", "m x k x n", "ms", "GFLOP/s"],
                     [list(r) for r in p["rows"]])
         if not env.cuda:
             f = res["cpu"]
@@ -945,9 +951,10 @@ def render(env: Env, args, res: dict) -> list[str]:
                + ".", ""]
     if "token_check" in ch:
         tc = ch["token_check"]
-        md += [f"`SundaePrior.check_tokens` (a host read of the token range every forward) at "
-               f"{tc['preset']} b1, {args.steps} steps: {tc['with check'] * 1e3:.2f} ms/step "
-               f"with it, {tc['check skipped'] * 1e3:.2f} ms/step with it skipped.", ""]
+        md += [f"Cost of one host sync per step ({tc['preset']} b1, {args.steps} steps): "
+               f"{tc['sampler default'] * 1e3:.2f} ms/step as sampled (range checks skipped in "
+               f"the loop), {tc['validate=True forced'] * 1e3:.2f} ms/step with the prior's "
+               f"range check (a host read) forced on every forward.", ""]
     if res.get("decode"):
         md += ["VQ-GAN decode (random weights):", ""]
         md += table(["codec", "batch", "pixels", "precision", "s", "GFLOP", "GFLOP/s",
