@@ -111,6 +111,7 @@ def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def load_models(prior_arg: str, vqgan_arg: str | None):
     from comfyui_sundae.sundae_lib import PixelCodec, load_prior, load_vqgan
+    from comfyui_sundae.sundae_lib._helpers import file_sha256
 
     named = {
         "mnist-pixels": (SHIPPED / "sundae" / "mnist-pixels.safetensors", None),
@@ -119,10 +120,14 @@ def load_models(prior_arg: str, vqgan_arg: str | None):
     prior_path, default_vq = named.get(prior_arg, (Path(prior_arg), None))
     prior = load_prior(str(prior_path))
     spec = getattr(prior, "metadata", {}).get("sundae.codec", "")
-    if vqgan_arg or default_vq:
-        codec = load_vqgan(str(vqgan_arg or default_vq))
-    elif spec.startswith("pixel"):
+    if spec.startswith("pixel"):
         codec = PixelCodec.from_spec(spec)
+    elif vqgan_arg or default_vq:
+        vq_path = str(vqgan_arg or default_vq)
+        want = dict(kv.split("=", 1) for kv in spec.split(":", 1)[-1].split(",") if "=" in kv).get("sha256")
+        if want and file_sha256(vq_path) != want:
+            raise SystemExit(f"{vq_path} is not the VQ-GAN the prior was trained on (sundae.codec {spec!r})")
+        codec = load_vqgan(vq_path)
     else:
         raise SystemExit(f"{prior_path}: no --vqgan given and the prior's codec metadata is {spec!r}")
     if codec.codebook_size != prior.codebook_size:
@@ -138,6 +143,16 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x[..., :28, :28]
 
 
+def recorded_sampling(prior) -> dict:
+    """The temperature / update-proportion schedule the trainer recorded in the prior's metadata
+    (``sundae.sampling``), which is what ``sundae-train sample`` uses; ``{}`` when absent."""
+    try:
+        rec = json.loads(getattr(prior, "metadata", {}).get("sundae.sampling", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return {k: tuple(rec[k]) for k in ("temperature", "update_proportion") if k in rec}
+
+
 @torch.no_grad()
 def generate(prior, codec, labels: torch.Tensor, *, steps: int, early_stop: bool, cfg: float,
              seed: int, batch: int = 100, **kw) -> tuple[torch.Tensor, float]:
@@ -145,6 +160,7 @@ def generate(prior, codec, labels: torch.Tensor, *, steps: int, early_stop: bool
 
     gen = torch.Generator().manual_seed(seed)
     grid = prior.config.grid
+    kw = {**recorded_sampling(prior), **kw}
     out, seconds = [], 0.0
     for i in range(0, len(labels), batch):
         lab = labels[i:i + batch]
@@ -162,13 +178,14 @@ def generate(prior, codec, labels: torch.Tensor, *, steps: int, early_stop: bool
 
 
 def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *, quick: bool,
-             cfg_grid: tuple[float, ...], default_steps: int) -> dict:
+             cfg_grid: tuple[float, ...], default_steps: int, per_class: int | None = None,
+             sweep: bool = True, inpaint_n: int | None = None, sweep_per_class: int | None = None) -> dict:
     from comfyui_sundae.sundae_lib import sample
 
     prior, codec, prior_path = load_models(prior_arg, vqgan_arg)
     test_x, test_y = real["test"]
     test_feats = real["test_feats"]
-    per_class = 20 if quick else 100
+    per_class = per_class or (20 if quick else 100)
     labels = torch.arange(10).repeat_interleave(per_class)
     res: dict = {"prior": prior_path, "codebook": prior.codebook_size, "grid": list(prior.config.grid)}
 
@@ -201,9 +218,9 @@ def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *,
         res["accuracy_cfg1"] = res["cfg"][1.0]["accuracy"]
 
     # steps sweep (fewer samples), with and without early stop, at the best cfg
-    sweep_labels = torch.arange(10).repeat_interleave(10 if quick else 30)
+    sweep_labels = torch.arange(10).repeat_interleave(sweep_per_class or (10 if quick else 30))
     res["steps"] = []
-    for steps in (10, 25, 50, 100):
+    for steps in (10, 25, 50, 100) if sweep else ():
         for early in (True, False):
             imgs, sps = generate(prior, codec, sweep_labels, steps=steps, early_stop=early, cfg=best_cfg, seed=2)
             preds, feats = judge_eval(judge, imgs)
@@ -215,10 +232,12 @@ def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *,
                   f"{sps * 1000:.1f} ms/sample", flush=True)
 
     # inpainting: bottom half of every held-out digit regenerated with its true class
-    res["inpaint"] = inpaint_eval(prior, codec, judge, test_x[: 200 if quick else 1000],
-                                  test_y[: 200 if quick else 1000], cfg=best_cfg, steps=default_steps)
+    n_inp = inpaint_n or (200 if quick else 1000)
+    res["inpaint"] = inpaint_eval(prior, codec, judge, test_x[:n_inp], test_y[:n_inp], cfg=best_cfg,
+                                  steps=default_steps)
     print(f"  inpainting: acc {res['inpaint']['accuracy']:.3f}  kept-half error "
-          f"{res['inpaint']['kept_mae']:.4f} (reconstruction {res['inpaint']['recon_mae']:.4f})", flush=True)
+          f"{res['inpaint']['kept_mae']:.4f} (reconstruction {res['inpaint']['recon_mae']:.4f}); "
+          f"judge acc on codec round trips {res['inpaint']['recon_accuracy']:.3f}", flush=True)
     _ = sample
     return res
 
@@ -238,14 +257,16 @@ def inpaint_eval(prior, codec, judge, x01: torch.Tensor, y: torch.Tensor, *, cfg
     out = []
     for i in range(0, len(x01), 100):
         out.append(sample(prior, init_tokens=tokens[i:i + 100], mask=mask[i:i + 100], labels=y[i:i + 100],
-                          steps=steps, cfg_scale=cfg, generator=gen))
+                          steps=steps, cfg_scale=cfg, generator=gen, **recorded_sampling(prior)))
     new_tokens = torch.cat(out)
     kept_tokens_equal = bool((new_tokens[~mask] == tokens[~mask]).all())
     completed = to_unit(codec.decode(new_tokens))
     preds, _ = judge_eval(judge, completed)
+    recon_preds, _ = judge_eval(judge, recon)
     top = slice(0, 14)
     return {
         "accuracy": float((preds == y).float().mean()),
+        "recon_accuracy": float((recon_preds == y).float().mean()),  # codec round trip, no prior
         "kept_tokens_identical": kept_tokens_equal,
         "kept_mae": float((completed[..., top, :] - x01[..., top, :]).abs().mean()),
         "recon_mae": float((recon[..., top, :] - x01[..., top, :]).abs().mean()),
@@ -261,6 +282,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="steps for the accuracy / FD / inpainting runs")
     ap.add_argument("--cfg", default="1,1.5,2,3", help="comma-separated cfg scales to try")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--per-class", type=int, default=None, help="samples per class for accuracy / FD")
+    ap.add_argument("--inpaint-n", type=int, default=None, help="held-out digits to inpaint")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the steps x early-stop sweep")
+    ap.add_argument("--sweep-per-class", type=int, default=None, help="samples per class in the sweep")
+    ap.add_argument("--judge-cache", default=str(REPO / "runs" / "eval_mnist_judge.pt"),
+                    help="judge weights cache (trained once, deterministic; '' = always retrain)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "eval_mnist.json"))
     args = ap.parse_args()
     if args.threads:
@@ -270,12 +297,22 @@ def main() -> None:
     train_x, train_y = load_split("train_4k")
     test_x, test_y = load_split("test_1k")
     t0 = time.perf_counter()
-    judge = train_judge(train_x, train_y)
+    cache = Path(args.judge_cache) if args.judge_cache else None
+    cached = cache is not None and cache.is_file()
+    if cached:
+        judge = Judge()
+        judge.load_state_dict(torch.load(cache, weights_only=True))
+        judge.eval()
+    else:
+        judge = train_judge(train_x, train_y)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(judge.state_dict(), cache)
     test_pred, test_feats = judge_eval(judge, test_x)
     _, train_feats = judge_eval(judge, train_x)
     judge_acc = float((test_pred == test_y).float().mean())
     real_fd = frechet(train_feats, test_feats)
-    print(f"judge: held-out accuracy {judge_acc:.4f} (trained in {time.perf_counter() - t0:.0f} s); "
+    print(f"judge: held-out accuracy {judge_acc:.4f} ({'loaded from ' + str(cache) if cached else f'trained in {time.perf_counter() - t0:.0f} s'}); "
           f"real-vs-real FD (train 4k vs held-out 1k) {real_fd:.2f}", flush=True)
     report = {"judge_accuracy": judge_acc, "real_fd": real_fd, "priors": {}}
     real = {"test": (test_x, test_y), "test_feats": test_feats}
@@ -283,7 +320,9 @@ def main() -> None:
     for p in priors:
         print(f"\n== {p}", flush=True)
         report["priors"][p] = evaluate(p, args.vqgan, judge, real, quick=args.quick,
-                                       cfg_grid=cfg_grid, default_steps=args.steps)
+                                       cfg_grid=cfg_grid, default_steps=args.steps,
+                                       per_class=args.per_class, sweep=not args.no_sweep,
+                                       inpaint_n=args.inpaint_n, sweep_per_class=args.sweep_per_class)
     Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
     print("\n| prior | judge acc (best cfg) | acc cfg 1 | best cfg | FD | FD noise | FD real-vs-real | inpaint acc |")
