@@ -312,9 +312,9 @@ def bench_forward(env: Env, args, peaks: dict, res: dict) -> None:
                         res["skipped"].append(f"forward {name} b{b} {precision} {label}: {why}")
                         continue
 
-                    def fn(m=m, x=x, precision=precision):
+                    def fn(m=m, x=x, precision=precision):  # as the sampler calls it
                         with torch.inference_mode(), autocast_ctx(env, precision):
-                            return m(x)
+                            return m(x, validate=False)
 
                     first_s, kernels = None, ""
                     env.reset_peak()
@@ -398,7 +398,7 @@ def bench_hourglass(env: Env, args, res: dict) -> None:
         for label, m in models.items():
             def fn(m=m, x=x):
                 with torch.inference_mode(), autocast_ctx(env, precision):
-                    return m(x)
+                    return m(x, validate=False)
 
             with torch.inference_mode():
                 flops, _ = count_flops(fn)  # doubles as warm-up
@@ -545,9 +545,9 @@ def bench_sampler(env: Env, args, res: dict) -> None:
                 modes = ((False, True) if env.cuda or est <= args.sample_budget_s / 2 else
                          (True,)) if full and label == "eager" else (False,)
                 if label == "compiled":  # compile for this batch size outside the timing
-                    with torch.inference_mode(), autocast_ctx(env, precision):
-                        m(torch.randint(0, m.codebook_size, (b, *m.config.grid),
-                                        device=env.device))
+                    with autocast_ctx(env, precision):
+                        sample(m, batch_size=b, steps=2, early_stop=False,
+                               generator=torch.Generator(device=env.device).manual_seed(0))
                 for es in modes:
                     log(f"sampler {name} b{b} {label} early_stop={es} "
                         f"({'full' if full else 'extrapolated'})")
@@ -898,8 +898,9 @@ def render(env: Env, args, res: dict) -> list[str]:
         md.append("")
     fw = res.get("forward", [])
     if fw:
-        md += ["Prior forward (one denoising step; runs = 1: a single cold forward, when one "
-               "costs more than the per-item budget):", ""]
+        md += ["Prior forward (one denoising step, `validate=False` as the sampler calls it; "
+               "runs = 1: a single cold forward, when one costs more than the per-item "
+               "budget):", ""]
         md += table(["preset", "params M", "batch", "precision", "variant", "ms/step", "GFLOP",
                      "GFLOP/s", "% of peak", "peak mem MiB (+extra)", "runs", "SDPA kernels"],
                     [[r["preset"], res["params"][r["preset"]] / 1e6, r["batch"], r["precision"],
