@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -1126,7 +1127,7 @@ def main(argv=None) -> int:
             r["pct_peak"] = 100 * r["gflops"] / res["peaks"]["best"][
                 "fp32" if r["precision"] == "fp32" else "bf16"]
     res["targets"] = targets(env, res)
-    res["meta"] = dict(command="python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+    res["meta"] = dict(command="python " + shlex.join(sys.argv),
                        date=time.strftime("%Y-%m-%d %H:%M"), machine=machine,
                        torch=torch.__version__, threads=torch.get_num_threads(),
                        load_start=load0,
