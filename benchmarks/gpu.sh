@@ -2,23 +2,24 @@
 # Prepared CUDA run of benchmarks/run.py (reference: one NVIDIA H200, Python 3.12, torch
 # preinstalled, no network). From the repository root:
 #
-#     bash benchmarks/gpu.sh
+#     bash benchmarks/gpu.sh      # through the device tool: run(command=..., timeout_s=600)
 #
-# Runs in ~4-6 minutes:
+# Runs in ~4-6 minutes (each run.py call has its own timeout; 540 s at most in all):
 #   1. environment: GPU, driver, torch, and that the package imports;
 #   2. run.py --device cuda, eager: matmul peak, prior forward (small / ffhq256 / ffhq1024,
 #      batch 1 and 16, bf16 weights + bf16 autocast + fp32; SDPA kernels listed: flash for the
-#      self-attention in bf16), hourglass vs flat, sampler overhead / host syncs / CFG / early
-#      stop, VQ-GAN decode 256^2 and 1024^2, s per 1024^2 image (target <= 0.3 s at batch 1);
+#      self-attention in bf16), hourglass vs flat, sampler overhead / CFG / early stop, host
+#      syncs per step (torch.cuda.set_sync_debug_mode) and what one forced sync per step costs,
+#      VQ-GAN decode 256^2 and 1024^2, s per 1024^2 image (target <= 0.3 s at batch 1);
 #   3. run.py again with torch.compile on ffhq1024 (bf16 weights), its own subsection.
 # Both write benchmarks/RESULTS.md (section "End-to-end performance (run.py)"); logs, JSON and
-# that file are copied to $OUT (or benchmarks/gpu-out/ when OUT is unset). Tables print last.
+# that file are copied to $OUT (or out/gpu/, git-ignored, when OUT is unset). Tables print last.
 # Optional: COMPILE_MODE=reduce-overhead (CUDA graphs) for step 3; PYTHON=python3.12.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-out=${OUT:-$repo/benchmarks/gpu-out}
+out=${OUT:-$repo/out/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 compile_mode=${COMPILE_MODE:-default}
@@ -62,6 +63,6 @@ rm -rf "$pkg"
 
 echo
 echo "================ summary (benchmarks/RESULTS.md, CUDA subsections) ================"
-awk '/^### CUDA/ {on=1} /^## / && !/End-to-end performance/ {on=0} on' benchmarks/RESULTS.md
+awk '/^## / {on=0} /^### / {on=($0 ~ /^### CUDA/)} on' benchmarks/RESULTS.md
 echo "exit status of the runs: $status (124 = a run hit its timeout; see $out/*.log)"
 exit "$status"
