@@ -275,7 +275,10 @@ class ResampleUp(_ResampleBlock):
         )
         kv = rearrange(windows, "b hc wc k d -> (b hc wc) k d")
         dev = coarse.device
-        off = torch.tensor(offsets, device=dev)  # [k=9, 2] integer (dy, dx)
+        # [k=9, 2] integer (dy, dx) in the order of `offsets`, built on the device: a
+        # torch.tensor(list, device=cuda) here would be a blocking host->device copy per forward
+        d = torch.arange(-1, 2, device=dev)
+        off = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).reshape(9, 2)
         rows = torch.arange(hc, device=dev)[:, None] + off[None, :, 0]  # [hc, 9]
         cols = torch.arange(wc, device=dev)[:, None] + off[None, :, 1]  # [wc, 9]
         valid_r = (rows >= 0) & (rows < hc)
