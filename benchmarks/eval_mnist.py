@@ -143,14 +143,28 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x[..., :28, :28]
 
 
+SCHEDULE_OVERRIDE: dict = {}  # --temperature / --update-proportion
+
+
 def recorded_sampling(prior) -> dict:
     """The temperature / update-proportion schedule the trainer recorded in the prior's metadata
-    (``sundae.sampling``), which is what ``sundae-train sample`` uses; ``{}`` when absent."""
+    (``sundae.sampling``), which is what ``sundae-train sample`` uses; ``{}`` when absent.
+    ``--temperature`` / ``--update-proportion`` replace it."""
     try:
         rec = json.loads(getattr(prior, "metadata", {}).get("sundae.sampling", "{}"))
     except json.JSONDecodeError:
-        return {}
-    return {k: tuple(rec[k]) for k in ("temperature", "update_proportion") if k in rec}
+        rec = {}
+    out = {k: tuple(rec[k]) for k in ("temperature", "update_proportion") if k in rec}
+    return {**out, **SCHEDULE_OVERRIDE}
+
+
+def _schedule(text: str) -> tuple[float, float]:
+    vals = [float(v) for v in text.split(",")]
+    if len(vals) == 1:
+        vals *= 2
+    if len(vals) != 2:
+        raise argparse.ArgumentTypeError(f"expected START or START,END, got {text!r}")
+    return tuple(vals)
 
 
 @torch.no_grad()
@@ -187,7 +201,9 @@ def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *,
     test_feats = real["test_feats"]
     per_class = per_class or (20 if quick else 100)
     labels = torch.arange(10).repeat_interleave(per_class)
-    res: dict = {"prior": prior_path, "codebook": prior.codebook_size, "grid": list(prior.config.grid)}
+    res: dict = {"prior": prior_path, "codebook": prior.codebook_size, "grid": list(prior.config.grid),
+                 "schedule": recorded_sampling(prior), "steps_default": default_steps}
+    print(f"  schedule {res['schedule']}, {default_steps} steps", flush=True)
 
     def quality(images):
         preds, feats = judge_eval(judge, images)
@@ -282,6 +298,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="steps for the accuracy / FD / inpainting runs")
     ap.add_argument("--cfg", default="1,1.5,2,3", help="comma-separated cfg scales to try")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--temperature", type=_schedule, default=None, metavar="T|START,END",
+                    help="temperature schedule (default: the one the prior records)")
+    ap.add_argument("--update-proportion", type=_schedule, default=None, metavar="P|START,END",
+                    help="update-proportion schedule (default: the one the prior records)")
     ap.add_argument("--per-class", type=int, default=None, help="samples per class for accuracy / FD")
     ap.add_argument("--inpaint-n", type=int, default=None, help="held-out digits to inpaint")
     ap.add_argument("--no-sweep", action="store_true", help="skip the steps x early-stop sweep")
@@ -292,6 +312,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.temperature:
+        SCHEDULE_OVERRIDE["temperature"] = args.temperature
+    if args.update_proportion:
+        SCHEDULE_OVERRIDE["update_proportion"] = args.update_proportion
     priors = args.prior or ["mnist-pixels", "mnist-vq"]
 
     train_x, train_y = load_split("train_4k")
