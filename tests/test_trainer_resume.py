@@ -154,3 +154,31 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, digits8):
     assert state["step"] == stopped_at + 2 and (out / "model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert steps == list(range(1, stopped_at + 3))
+
+
+def test_step_tail_orders_eval_preview_checkpoint_and_tracks_the_best():
+    from types import SimpleNamespace
+
+    from comfyui_sundae.trainer.runtime import StepTail
+
+    run = SimpleNamespace(max_steps=6, eval_every=2, checkpoint_every=3, sample_every=4, keep_best=True)
+    scores = {2: 0.5, 3: 0.7, 4: 0.3, 6: 0.4}
+    calls = []
+
+    def evaluate(step):
+        calls.append(("eval", step))
+        return scores[step]
+
+    tail = StepTail(run, SimpleNamespace(is_main=True), has_eval=True, evaluate=evaluate, best=(0, 0.6),
+                    preview=lambda step: calls.append(("preview", step)),
+                    save=lambda step, score: calls.append(("save", step, score)))
+    quiet, stopping = SimpleNamespace(requested=False), SimpleNamespace(requested=True)
+    assert [tail(step, quiet) for step in range(1, 6)] == [False] * 5
+    assert tail(6, stopping) is True
+    assert calls == [
+        ("eval", 2),
+        ("eval", 3), ("save", 3, 0.7),             # checkpoint step: evaluated for keep_best
+        ("eval", 4), ("preview", 4),
+        ("eval", 6), ("preview", 6), ("save", 6, 0.4),  # last step: preview + checkpoint
+    ]
+    assert tail.best == (4, 0.3)  # lowest score, starting from the restored (0, 0.6)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dist
+
 logger = logging.getLogger(__name__)
 
 
@@ -183,6 +185,41 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StepTail:
+    """The end of every optimizer step, shared by the prior and VQ-GAN trainers: evaluation (and
+    the best score so far), the preview, the checkpoint and stop requests, in that order.
+
+    ``evaluate(step) -> score`` (lower is better; it logs its own metrics), ``preview(step)``
+    (main rank only) and ``save(step, score_or_None)`` are the trainer's; ``best`` is
+    ``(step, score)`` restored from a checkpoint or ``None``."""
+
+    def __init__(self, run, info, *, has_eval: bool, evaluate, preview, save, best=None):
+        self.run, self.info, self.has_eval = run, info, has_eval
+        self.evaluate, self.preview, self.save = evaluate, preview, save
+        self.best: tuple[int, float] | None = best
+        self.last_eval: tuple[int, float] | None = None
+
+    def __call__(self, step: int, stop) -> bool:
+        """Run the tail after ``step``; True when the loop must stop (a signal on any rank)."""
+        run = self.run
+        last = step == run.max_steps
+        want_stop = dist.any_rank(stop.requested)
+        want_ckpt = want_stop or last or bool(run.checkpoint_every and step % run.checkpoint_every == 0)
+        if run.eval_every and self.has_eval and (step % run.eval_every == 0 or (want_ckpt and run.keep_best)):
+            if self.last_eval is None or self.last_eval[0] != step:
+                self.last_eval = (step, self.evaluate(step))
+                if self.best is None or self.last_eval[1] < self.best[1]:
+                    self.best = self.last_eval
+        if (run.sample_every and step % run.sample_every == 0) or last:
+            if self.info.is_main:
+                self.preview(step)
+            dist.barrier()
+        if want_ckpt:
+            self.save(step, self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None)
+            dist.barrier()
+        return want_stop
 
 
 def progress_bar(run, info, start: int, desc: str):

@@ -36,6 +36,7 @@ from .latents import LatentTokens, source_fingerprint
 from .runtime import EMA as EMAWeights
 from .runtime import (
     MetricsLog,
+    StepTail,
     autocast,
     capture_rng,
     lr_factor,
@@ -277,7 +278,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
             "ema": ema.state_dict() if ema is not None else None,
             "order": order.state_dict(),
             "rng": rng_all,
-            "best": best,
+            "best": tail.best,
         }
         step_meta = {**meta, "sundae.train_step": str(step)}
         writers = {
@@ -290,10 +291,19 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
         ckpts.save(step, writers, meta={**run_info(argv), "world_size": info.world_size}, eval_loss=eval_loss)
 
     eval_model = ema.module if ema is not None else prior
+
+    def evaluate(step: int) -> float:
+        loss = _evaluate(eval_model, data, split.eval, cfg, info, device, amp_dtype)
+        metrics.log(step, {"eval/loss": loss})
+        return loss
+
+    tail = StepTail(
+        run, info, has_eval=len(split.eval) > 0, evaluate=evaluate, best=best, save=write_checkpoint,
+        preview=lambda step: _preview(eval_model, data, cfg, out / "samples" / f"step-{step:08d}.png", device),
+    )
     losses: list[float] = []
     stopped = None
     step = start
-    last_eval: tuple[int, float] | None = None
     bar = progress_bar(run, info, start, "prior")
     tic, seen = time.perf_counter(), 0
     running: list[float] = []
@@ -337,23 +347,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
                     "train/images_per_s": seen * info.world_size / max(elapsed, 1e-9),
                 })
                 running, tic, seen = [], time.perf_counter(), 0
-            last = step == run.max_steps
-            want_stop = dist.any_rank(stop.requested)
-            want_ckpt = want_stop or last or (run.checkpoint_every and step % run.checkpoint_every == 0)
-            if run.eval_every and len(split.eval) and (step % run.eval_every == 0 or (want_ckpt and run.keep_best)):
-                if last_eval is None or last_eval[0] != step:
-                    last_eval = (step, _evaluate(eval_model, data, split.eval, cfg, info, device, amp_dtype))
-                    metrics.log(step, {"eval/loss": last_eval[1]})
-                    if best is None or last_eval[1] < best[1]:
-                        best = (step, last_eval[1])
-            if (run.sample_every and step % run.sample_every == 0) or last:
-                if info.is_main:
-                    _preview(eval_model, data, cfg, out / "samples" / f"step-{step:08d}.png", device)
-                dist.barrier()
-            if want_ckpt:
-                write_checkpoint(step, last_eval[1] if last_eval and last_eval[0] == step else None)
-                dist.barrier()
-            if want_stop:
+            if tail(step, stop):
                 stopped = stop.received
                 break
     if bar is not None:
@@ -371,7 +365,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
         "stopped": stopped,
         "export": str(export) if export else None,
         "losses": losses,
-        "best": best,
+        "best": tail.best,
         "model": prior,
         "ema": ema.module if ema is not None else None,
         "out_dir": str(out),

@@ -29,6 +29,7 @@ from .data import BatchLoader, BatchOrder, make_split, open_images
 from .runtime import EMA as EMAWeights
 from .runtime import (
     MetricsLog,
+    StepTail,
     autocast,
     capture_rng,
     lr_factor,
@@ -184,7 +185,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
             "loss_state": vq_loss.training_state(),
             "ema": ema.state_dict() if ema is not None else None,
-            "order": order.state_dict(), "rng": rng_all, "best": best,
+            "order": order.state_dict(), "rng": rng_all, "best": tail.best,
         }
         writers = {
             MODEL: lambda p: save_vqgan(model, p, extra_metadata=meta),
@@ -195,7 +196,16 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
             writers[EMA] = lambda p: save_vqgan(ema.module, p, extra_metadata=meta)
         ckpts.save(step, writers, meta={**run_info(argv), "world_size": info.world_size}, eval_loss=eval_loss)
 
-    step, stopped, last_eval = start, None, None
+    def evaluate(step: int) -> float:
+        values = _evaluate(eval_model, vq_loss, ds, split.eval, cfg, info, device, amp_dtype)
+        metrics.log(step, values)
+        return values["eval/rec_loss"]
+
+    tail = StepTail(
+        run, info, has_eval=len(split.eval) > 0, evaluate=evaluate, best=best, save=write_checkpoint,
+        preview=lambda step: _preview(eval_model, ds, preview_idx, out / "samples" / f"recon-{step:08d}.png", device),
+    )
+    step, stopped = start, None
     losses: list[float] = []
     bar = progress_bar(run, info, start, "vqgan")
     tic, seen, logs = time.perf_counter(), 0, []
@@ -259,24 +269,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
                                "train/images_per_s": seen * info.world_size / max(1e-9, time.perf_counter() - tic)})
                 metrics.log(step, values)
                 logs, tic, seen = [], time.perf_counter(), 0
-            last = step == run.max_steps
-            want_stop = dist.any_rank(stop.requested)
-            want_ckpt = want_stop or last or (run.checkpoint_every and step % run.checkpoint_every == 0)
-            if run.eval_every and len(split.eval) and (step % run.eval_every == 0 or (want_ckpt and run.keep_best)):
-                if last_eval is None or last_eval[0] != step:
-                    values = _evaluate(eval_model, vq_loss, ds, split.eval, cfg, info, device, amp_dtype)
-                    last_eval = (step, values["eval/rec_loss"])
-                    metrics.log(step, values)
-                    if best is None or last_eval[1] < best[1]:
-                        best = (step, last_eval[1])
-            if (run.sample_every and step % run.sample_every == 0) or last:
-                if info.is_main:
-                    _preview(eval_model, ds, preview_idx, out / "samples" / f"recon-{step:08d}.png", device)
-                dist.barrier()
-            if want_ckpt:
-                write_checkpoint(step, last_eval[1] if last_eval and last_eval[0] == step else None)
-                dist.barrier()
-            if want_stop:
+            if tail(step, stop):
                 stopped = stop.received
                 break
     if bar is not None:
@@ -289,7 +282,7 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
         logger.info("saved the final VQ-GAN to %s", export)
     dist.barrier()
     return {"step": step, "stopped": stopped, "export": str(export) if export else None, "losses": losses,
-            "best": best, "model": model, "out_dir": str(out)}
+            "best": tail.best, "model": model, "out_dir": str(out)}
 
 
 def _load(folder: Path, model, vq_loss, ema, optim_parts, order, generators, info) -> tuple[int, Any]:
