@@ -576,6 +576,80 @@ def test_loss_class_dropout_rates():
     assert uncond.calls[0]["labels"] is None
 
 
+def test_random_regions_are_rectangles_or_their_complements():
+    from comfyui_sundae.sundae_lib.loss import random_regions
+
+    h, w = 12, 20
+    regions = random_regions(3000, (h, w), gen(6), torch.device("cpu"))
+    assert regions.shape == (3000, h, w) and regions.dtype == torch.bool
+    assert regions.flatten(1).any(1).all()  # never empty
+    assert torch.equal(regions, random_regions(3000, (h, w), gen(6), torch.device("cpu")))
+    n_rect = 0
+    for r in regions[:300]:
+        # a rectangle, or the complement of one: the rows / columns it touches span a box that
+        # it fills exactly
+        for cand, is_rect in ((r, True), (~r, False)):
+            rows = cand.any(1).nonzero().flatten()
+            cols = cand.any(0).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            box = torch.zeros_like(cand)
+            box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+            if torch.equal(box, cand):
+                n_rect += is_rect
+                break
+        else:
+            raise AssertionError(f"not a rectangle or a complement of one:\n{r.int()}")
+    assert 100 < n_rect < 200  # half rectangles, half complements (binomial, sd ~9)
+    cover = regions.float().mean(dim=(1, 2))
+    assert cover.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (cover > 0.9).any() and (cover < 0.05).any()  # whole-grid-ish and tiny regions occur
+
+
+def test_loss_region_corruption_keeps_the_outside_clean_through_the_unroll(monkeypatch):
+    from comfyui_sundae.sundae_lib import loss as loss_mod
+
+    k, b = 16, 64
+    bottom = torch.zeros(b, 8, 8, dtype=torch.bool)
+    bottom[:, 4:] = True
+    monkeypatch.setattr(loss_mod, "random_regions", lambda n, grid, g, d: bottom[:n])
+    prior = ShiftPrior(shift=5, k=k)  # proposes every token shifted: the unroll changes all
+    tokens = torch.randint(0, k, (b, 8, 8), generator=gen())
+    sundae_loss(prior, tokens, unroll_steps=3, region_corruption=1.0, generator=gen(7))
+    for call in prior.calls:
+        assert torch.equal(call["tokens"][:, :4], tokens[:, :4])  # the outside: always clean
+    x0, x1, x2 = (c["tokens"] for c in prior.calls)
+    assert (x0[:, 4:] != tokens[:, 4:]).any()  # corrupted inside
+    assert torch.equal(x1[:, 4:], (x0[:, 4:] + 5) % k) and torch.equal(
+        x2[:, 4:], (x1[:, 4:] + 5) % k
+    )
+
+    # with probability 0.5 per sample: about half the samples are regional, the rest corrupted
+    # everywhere (their top half changes too, at their rate)
+    prior.calls.clear()
+    tokens = torch.zeros(2000, 8, 8, dtype=torch.long)
+    monkeypatch.setattr(
+        loss_mod, "random_regions", lambda n, grid, g, d: bottom[:1].expand(n, 8, 8)
+    )
+    sundae_loss(prior, tokens, unroll_steps=1, region_corruption=0.5, generator=gen(8))
+    top_changed = (prior.calls[0]["tokens"][:, :4] != 0).any(dim=(1, 2)).float().mean().item()
+    # a plain sample's top half (32 tokens at rate t ~ U(0,1)) stays clean with probability
+    # E[(1 - 15t/16)^32] ~ 0.033, so ~0.5 * 0.967 of the samples change there
+    assert top_changed == pytest.approx(0.5 * 0.967, abs=0.04)
+
+
+def test_loss_region_corruption_zero_is_plain_sundae():
+    prior = ShiftPrior(shift=3, k=6)
+    tokens = torch.randint(0, 6, (8, 8, 8), generator=gen())
+    a = sundae_loss(prior, tokens, generator=gen(3))
+    b = sundae_loss(prior, tokens, region_corruption=0.0, generator=gen(3))
+    assert torch.equal(prior.calls[0]["tokens"], prior.calls[2]["tokens"])  # same random stream
+    assert torch.equal(prior.calls[1]["tokens"], prior.calls[3]["tokens"])
+    assert a.item() == b.item()
+    with pytest.raises(ValueError, match=r"region_corruption must lie in \[0, 1\]"):
+        sundae_loss(prior, tokens, region_corruption=1.5)
+
+
 # --------------------------------------------------------------------------------------------
 # errors that teach
 # --------------------------------------------------------------------------------------------

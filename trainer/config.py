@@ -206,9 +206,18 @@ class LossConfig:
     """The SUNDAE objective."""
 
     unroll_steps: int = 2
+    # probability that a sample is corrupted only inside a random rectangle (or outside it) and
+    # kept clean elsewhere through the unroll: teaches the prior the inpainting situation (a
+    # clean part next to pure noise); 0 = plain SUNDAE
+    region_corruption: float = 0.0
 
     def __post_init__(self) -> None:
         _at_least("loss", "unroll_steps", self.unroll_steps, 1)
+        if not 0.0 <= self.region_corruption <= 1.0:
+            raise ConfigError(
+                f"loss.region_corruption = {self.region_corruption!r} must lie in [0, 1] (the "
+                "probability of inpainting-style region corruption; 0 = plain SUNDAE)"
+            )
 
 
 @dataclass

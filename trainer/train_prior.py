@@ -155,17 +155,18 @@ class SundaeObjective(nn.Module):
     """``forward(tokens, labels, generator) -> (loss, metrics)``: the whole unrolled SUNDAE
     loss, so every prior forward of a micro-batch happens inside one DDP forward."""
 
-    def __init__(self, prior: nn.Module, unroll_steps: int) -> None:
+    def __init__(self, prior: nn.Module, unroll_steps: int, region_corruption: float = 0.0) -> None:
         super().__init__()
         self.prior = prior
         self.unroll_steps = unroll_steps
+        self.region_corruption = region_corruption
 
     def forward(self, tokens, labels, generator=None, class_dropout=None):
         from ..sundae_lib import sundae_loss
 
         return sundae_loss(
             self.prior, tokens, labels, unroll_steps=self.unroll_steps, class_dropout=class_dropout,
-            generator=generator, return_metrics=True,
+            region_corruption=self.region_corruption, generator=generator, return_metrics=True,
         )
 
 
@@ -220,7 +221,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     prior = SundaePrior(prior_cfg).to(device)
     prior.train()
     ema = EMAWeights(prior, opt.ema_decay) if opt.ema_decay > 0 else None
-    objective: nn.Module = SundaeObjective(prior, cfg.loss.unroll_steps)
+    objective: nn.Module = SundaeObjective(prior, cfg.loss.unroll_steps, cfg.loss.region_corruption)
     if run.compile:
         objective = torch.compile(objective)
     if info.enabled:
