@@ -145,6 +145,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 SCHEDULE_OVERRIDE: dict = {}  # --temperature / --update-proportion
 INPAINT_START = [0]  # --inpaint-start
+INPAINT_CFG: list = [None]  # --inpaint-cfg (None = the best cfg of the sample runs)
 
 
 def recorded_sampling(prior) -> dict:
@@ -251,10 +252,12 @@ def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *,
     # inpainting: bottom half of every held-out digit regenerated with its true class
     n_inp = inpaint_n or (200 if quick else 1000)
     i0 = INPAINT_START[0]
+    inp_cfg = INPAINT_CFG[0] if INPAINT_CFG[0] is not None else best_cfg
     res["inpaint"] = inpaint_eval(prior, codec, judge, test_x[i0:i0 + n_inp], test_y[i0:i0 + n_inp],
-                                  cfg=best_cfg, steps=default_steps)
+                                  cfg=inp_cfg, steps=default_steps)
     res["inpaint"]["start"] = i0
-    print(f"  inpainting: acc {res['inpaint']['accuracy']:.3f}  kept-half error "
+    res["inpaint"]["cfg"] = inp_cfg
+    print(f"  inpainting (cfg {inp_cfg}): acc {res['inpaint']['accuracy']:.3f}  kept-half error "
           f"{res['inpaint']['kept_mae']:.4f} (reconstruction {res['inpaint']['recon_mae']:.4f}); "
           f"judge acc on codec round trips {res['inpaint']['recon_accuracy']:.3f}", flush=True)
     _ = sample
@@ -309,6 +312,8 @@ def main() -> None:
     ap.add_argument("--inpaint-n", type=int, default=None, help="held-out digits to inpaint")
     ap.add_argument("--inpaint-start", type=int, default=0,
                     help="first held-out digit to inpaint (to split the 1,000 over several runs)")
+    ap.add_argument("--inpaint-cfg", type=float, default=None,
+                    help="cfg scale for the inpainting run (default: the best scale of the sample runs)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the steps x early-stop sweep")
     ap.add_argument("--sweep-per-class", type=int, default=None, help="samples per class in the sweep")
     ap.add_argument("--judge-cache", default=str(REPO / "runs" / "eval_mnist_judge.pt"),
@@ -318,6 +323,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     INPAINT_START[0] = args.inpaint_start
+    INPAINT_CFG[0] = args.inpaint_cfg
     if args.temperature:
         SCHEDULE_OVERRIDE["temperature"] = args.temperature
     if args.update_proportion:
