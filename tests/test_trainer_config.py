@@ -91,6 +91,7 @@ def test_unknown_key_lists_valid_keys():
         ("data=3", r"\[data\] must be a table"),
         ("run.precision=fp8", r"run.precision = 'fp8' is not allowed; use one of \['auto', 'fp32', 'bf16', 'fp16'\]"),
         ("run.device=gpu", r"run.device = 'gpu'"),
+        ("loss.region_corruption=2", r"loss.region_corruption = 2.0 must lie in \[0, 1\]"),
     ],
 )
 def test_bad_values_are_config_errors(override, pattern):

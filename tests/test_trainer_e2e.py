@@ -58,7 +58,7 @@ def test_prior_on_pixels_then_sample_and_inpaint(tmp_path, tiny_mnist):
     args = [
         "prior", "--set", "model=tiny", "--set", f"data.path={tiny_mnist}", "--set", "data.eval_fraction=0.1",
         "--set", "codec.levels=16", "--set", "optim.batch_size=8", "--set", "optim.lr=3e-3",
-        "--set", "sampling.steps=4", "--set", "sampling.num_samples=4",
+        "--set", "loss.region_corruption=0.5", "--set", "sampling.steps=4", "--set", "sampling.num_samples=4",
         "--set", "run.log_every=2", "--set", "run.eval_every=2", "--set", "run.checkpoint_every=2",
         "--set", "run.sample_every=4", "--set", "run.keep_last=1", "--max-steps", "4", "--out", str(out), *QUIET,
     ]
