@@ -146,6 +146,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 SCHEDULE_OVERRIDE: dict = {}  # --temperature / --update-proportion
 INPAINT_START = [0]  # --inpaint-start
 INPAINT_CFG: list = [None]  # --inpaint-cfg (None = the best cfg of the sample runs)
+INPAINT_PER_CLASS: list = [None]  # --inpaint-per-class
 
 
 def recorded_sampling(prior) -> dict:
@@ -252,14 +253,19 @@ def evaluate(prior_arg: str, vqgan_arg: str | None, judge: Judge, real: dict, *,
     # inpainting: bottom half of every held-out digit regenerated with its true class
     n_inp = inpaint_n or (200 if quick else 1000)
     i0 = INPAINT_START[0]
+    if INPAINT_PER_CLASS[0]:  # the first N (from --inpaint-start) held-out digits of every class
+        idx = torch.cat([(test_y == c).nonzero().flatten()[i0:i0 + INPAINT_PER_CLASS[0]] for c in range(10)])
+    else:
+        idx = torch.arange(len(test_y))[i0:i0 + n_inp]
     inp_cfg = INPAINT_CFG[0] if INPAINT_CFG[0] is not None else best_cfg
-    res["inpaint"] = inpaint_eval(prior, codec, judge, test_x[i0:i0 + n_inp], test_y[i0:i0 + n_inp],
-                                  cfg=inp_cfg, steps=default_steps)
+    res["inpaint"] = inpaint_eval(prior, codec, judge, test_x[idx], test_y[idx], cfg=inp_cfg, steps=default_steps)
     res["inpaint"]["start"] = i0
+    res["inpaint"]["per_class"] = INPAINT_PER_CLASS[0]
     res["inpaint"]["cfg"] = inp_cfg
     print(f"  inpainting (cfg {inp_cfg}): acc {res['inpaint']['accuracy']:.3f}  kept-half error "
           f"{res['inpaint']['kept_mae']:.4f} (reconstruction {res['inpaint']['recon_mae']:.4f}); "
-          f"judge acc on codec round trips {res['inpaint']['recon_accuracy']:.3f}", flush=True)
+          f"judge acc on codec round trips {res['inpaint']['recon_accuracy']:.3f}; by class "
+          f"{res['inpaint']['accuracy_by_class']}", flush=True)
     _ = sample
     return res
 
@@ -288,6 +294,8 @@ def inpaint_eval(prior, codec, judge, x01: torch.Tensor, y: torch.Tensor, *, cfg
     top = slice(0, 14)
     return {
         "accuracy": float((preds == y).float().mean()),
+        "accuracy_by_class": [round(float((preds[y == c] == c).float().mean()), 4) if (y == c).any() else None
+                              for c in range(10)],
         "recon_accuracy": float((recon_preds == y).float().mean()),  # codec round trip, no prior
         "kept_tokens_identical": kept_tokens_equal,
         "kept_mae": float((completed[..., top, :] - x01[..., top, :]).abs().mean()),
@@ -314,6 +322,9 @@ def main() -> None:
                     help="first held-out digit to inpaint (to split the 1,000 over several runs)")
     ap.add_argument("--inpaint-cfg", type=float, default=None,
                     help="cfg scale for the inpainting run (default: the best scale of the sample runs)")
+    ap.add_argument("--inpaint-per-class", type=int, default=None,
+                    help="inpaint the first N held-out digits of every class (from --inpaint-start "
+                         "within each class) instead of --inpaint-n consecutive ones")
     ap.add_argument("--no-sweep", action="store_true", help="skip the steps x early-stop sweep")
     ap.add_argument("--sweep-per-class", type=int, default=None, help="samples per class in the sweep")
     ap.add_argument("--judge-cache", default=str(REPO / "runs" / "eval_mnist_judge.pt"),
@@ -324,6 +335,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     INPAINT_START[0] = args.inpaint_start
     INPAINT_CFG[0] = args.inpaint_cfg
+    INPAINT_PER_CLASS[0] = args.inpaint_per_class
     if args.temperature:
         SCHEDULE_OVERRIDE["temperature"] = args.temperature
     if args.update_proportion:
