@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..sundae_lib.dtypes import cpu_has_fast_bf16, preferred_dtype
+
 logger = logging.getLogger(__name__)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -225,22 +227,23 @@ def intermediate_device() -> torch.device:
 
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """``auto`` = fp32 on CPU (bf16 is several times slower there), bf16 on GPUs that support it,
-    fp32 otherwise; ``fp32`` / ``bf16`` / ``fp16`` are taken as asked."""
+    """``auto`` = ``sundae_lib.preferred_dtype(device)``: bf16 on GPUs with native bf16, else
+    fp16; bf16 on CPUs with AMX / AVX512-BF16 measured faster than fp32, else fp32. Under ComfyUI
+    its own judgement of the GPU (``--force-fp32``, GPUs slow in half precision) can turn a half
+    dtype back into fp32. ``fp32`` / ``bf16`` / ``fp16`` are taken as asked."""
     if choice in _DTYPES:
-        if device.type == "cpu" and choice != "fp32":
-            logger.warning("%s on CPU is usually much slower than fp32; use dtype 'auto' or 'fp32'", choice)
+        if device.type == "cpu" and (choice == "fp16" or (choice == "bf16" and not cpu_has_fast_bf16())):
+            logger.warning("%s on this CPU is usually much slower than fp32; use dtype 'auto' or 'fp32'", choice)
         return _DTYPES[choice]
     if choice != "auto":
         raise ValueError(f"dtype {choice!r} is not one of {list(DTYPE_CHOICES)}")
-    if device.type == "cpu":
-        return torch.float32
+    dtype = preferred_dtype(device)
     mm = _model_management()
-    if mm is not None:
-        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if mm is not None and device.type != "cpu" and dtype != torch.float32:
+        half_ok = mm.should_use_bf16(device) if dtype == torch.bfloat16 else mm.should_use_fp16(device)
+        if not half_ok:
+            return torch.float32
+    return dtype
 
 
 def free_memory(num_bytes: int, device: torch.device) -> None:

@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 PIXEL_LEVELS = (256, 128, 64, 32, 16, 8, 4, 2)
 _PIXEL_RE = re.compile(r"^pixels \((\d+) levels, (grey|RGB)\)$")
 _DTYPE_TOOLTIP = (
-    "Weights precision: auto = fp32 on CPU, bf16 on GPUs that support it; fp16/bf16 use half the "
-    "memory of fp32 and run faster on GPUs, fp32 is the most exact."
+    "Weights precision: auto = the fastest safe one here (bf16 on GPUs that have it, else fp16; on CPU "
+    "bf16 only with AMX / AVX512-BF16 measured faster, else fp32); bf16/fp16 halve the memory, fp32 "
+    "is the most exact."
 )
 
 

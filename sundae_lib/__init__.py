@@ -29,6 +29,9 @@ _EXPORTS = {
     # inpainting masks
     "token_mask_from_pixels": "masks",
     "resize_mask": "masks",
+    # precision: what "auto" means everywhere
+    "preferred_dtype": "dtypes",
+    "cpu_bf16_report": "dtypes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,6 +25,13 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(autouse=True)
+def _cpu_dtype_fp32(monkeypatch):
+    """``auto`` precision = fp32 on CPU in every test, whatever this CPU's bf16 speed: results
+    must not depend on the machine (test_dtype.py clears it to test the choice itself)."""
+    monkeypatch.setenv("SUNDAE_CPU_DTYPE", "fp32")
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     np.random.seed(0)

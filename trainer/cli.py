@@ -23,6 +23,8 @@ Examples:
   sundae-train vqgan --config mnist-vq                     # 1) small VQ-GAN (f4, 7x7 tokens)
   sundae-train latents --config mnist-vq                   # 2) encode the digits to tokens
   sundae-train prior --config mnist-vq                     # 3) class-conditional token prior
+  sundae-train data emoji --out data/emoji                 # colour emoji dataset (npm packages)
+  sundae-train vqgan --config emoji-vq                     # then latents / prior likewise
   torchrun --nproc_per_node=8 -m comfyui_sundae.trainer prior --config ffhq256 \\
       --set data.path=latents/ffhq256
   sundae-train sample -n 16 --class 7 --out sevens.png     # shipped MNIST models
@@ -253,6 +255,74 @@ def latents(config, sets, vqgan_source, data, out, flip, device, print_config) -
 
 
 # ----------------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------------
+
+
+@main.group(context_settings=CONTEXT, epilog="""\b
+Example:
+  sundae-train data emoji --out data/emoji     # then: sundae-train vqgan --config emoji-vq
+""")
+def data() -> None:
+    """Build training datasets from public sources, reproducibly (pinned versions, sha256)."""
+
+
+def _parse_packages(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        style, sep, path = value.partition("=")
+        style = style.strip().lower()
+        if not sep or not style or not path.strip():
+            raise click.BadParameter(f"{value!r}: expected STYLE=PATH, e.g. google=emoji-datasource-google-16.0.0.tgz")
+        if style in out:
+            raise click.BadParameter(f"{style!r} given twice")
+        out[style] = path.strip()
+    return out
+
+
+@data.command("emoji", context_settings=CONTEXT, epilog="""\b
+Examples:
+  sundae-train data emoji --out data/emoji
+  sundae-train data emoji --out data/emoji --cache ~/.cache/sundae-npm
+  sundae-train data emoji --out data/emoji \\
+      --packages google=emoji-datasource-google-16.0.0.tgz \\
+      --packages twitter=emoji-datasource-twitter-16.0.0.tgz
+  sundae-train data emoji --out data/emoji-20 --fraction 0.2 --seed 1
+""")
+@click.option("--out", "-o", required=True, metavar="DIR",
+              help="Output folder for emoji_train.npz, emoji_test.npz and manifest.json.")
+@click.option("--packages", multiple=True, metavar="STYLE=PATH", callback=_parse_packages,
+              help="Read STYLE (google, twitter) from a local npm tarball (.tgz, integrity-checked) or an "
+                   "unpacked package folder (not checked) instead of running npm pack (repeatable).")
+@click.option("--cache", metavar="DIR", help="Where npm pack keeps the tarballs (default: OUT/npm); reused when intact.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Share of base emoji held out per category (all tones, both styles).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare a default build (fraction 0.1, seed 0, checked tarballs) with the pinned sha256.")
+def emoji(out, packages, cache, fraction, seed, check) -> None:
+    """Colour emoji, 64x64 RGB in 9 labelled categories (Noto + Twemoji, from the pinned
+    emoji-datasource npm packages), with whole base emoji held out for evaluation."""
+
+    def body():
+        from .emoji import build_emoji
+
+        return build_emoji(out, packages=packages, cache_dir=cache, fraction=fraction, seed=seed, check_sha256=check)
+
+    manifest = _guard(body)
+    files = manifest["files"]
+    for name, info in files.items():
+        click.echo(f"{os.path.join(out, name)}: {info['images']} images, sha256 {info['sha256']}")
+    train, test = (files[n]["per_category"] for n in files)
+    click.echo("per category (train/held-out): " + ", ".join(f"{c} {train[c]}/{test[c]}" for c in manifest["categories"]))
+    for style, pkg in manifest["packages"].items():
+        if not pkg["checked"]:
+            click.echo(f"note: the {style} package was read from a folder and not integrity-checked")
+    click.echo("licences: " + "; ".join(pkg["licence"] for pkg in manifest["packages"].values())
+               + "; emoji-datasource code and metadata: MIT")
+
+
+# ----------------------------------------------------------------------------------------------
 # sampling commands
 # ----------------------------------------------------------------------------------------------
 
@@ -274,6 +344,11 @@ def sampling_options(fn):
         click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale (1 = off)."),
         click.option("--batch-size", "-b", type=int, default=16, show_default=True, help="Images per sampler call."),
         click.option("--device", default="auto", show_default=True),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True,
+                     help="dtype the prior runs in. auto: bf16 on GPUs that have it (else fp16); on CPU "
+                          "bf16 only with AMX / AVX512-BF16 measured faster (see 'env'), else fp32. "
+                          "SUNDAE_CPU_DTYPE=fp32|bf16 overrides the CPU choice."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -344,7 +419,8 @@ Example:
   sundae-train env     # paste the output into bug reports
 """)
 def env() -> None:
-    """Print versions (Python, torch, CUDA, einops, safetensors), devices and bf16 support."""
+    """Print versions (Python, torch, CUDA, einops, safetensors), devices, and what precision
+    'auto' picks: the CPU's bf16 instructions, the measured bf16 / fp32 matmul speed, the choice."""
     from .sample_cmd import environment_report
 
     click.echo(environment_report())

@@ -75,7 +75,9 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     device: str = "auto"
-    precision: str = "auto"  # auto = fp32 on CPU, bf16 on GPUs that have it, else fp16 + scaler
+    # auto = sundae_lib.preferred_dtype(device): bf16 on GPUs with native bf16, else fp16 + scaler;
+    # bf16 on CPUs with AMX / AVX512-BF16 once measured faster (SUNDAE_CPU_DTYPE overrides), else fp32
+    precision: str = "auto"
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
     compile: bool = False  # torch.compile the model
     log_every: int = 50

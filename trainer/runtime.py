@@ -33,18 +33,29 @@ logger = logging.getLogger(__name__)
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """``(autocast dtype or None for fp32, use GradScaler)``.
 
-    ``auto``: fp32 on CPU (bf16 matmuls are ~6x *slower* than fp32 on CPUs without AMX), bf16 on
-    GPUs that support it, fp16 + GradScaler on older GPUs."""
+    ``auto``: ``sundae_lib.preferred_dtype(device)`` — bf16 on GPUs with native bf16, fp16 +
+    GradScaler on older GPUs, bf16 on CPUs with AMX / AVX512-BF16 that a one-time measurement
+    confirms faster, fp32 (no autocast) elsewhere."""
+    from ..sundae_lib.dtypes import cpu_has_fast_bf16, dtype_name, preferred_dtype
+
+    asked = name
     if name == "auto":
-        if device.type != "cuda":
+        if device.type not in ("cuda", "cpu"):
             return None, False
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu" and dist.running():
+            # rank 0 measures and everyone follows: ranks timing bf16 while competing for the
+            # same cores could otherwise disagree near the threshold
+            mine = dtype_name(preferred_dtype(device)) if torch.distributed.get_rank() == 0 else None
+            name = dist.broadcast_object(mine)
+        else:
+            name = dtype_name(preferred_dtype(device))
     if name == "fp32":
         return None, False
     if name == "bf16":
-        if device.type == "cpu":
-            logger.warning("bf16 autocast on CPU: slower than fp32 unless the CPU has AMX / AVX-512 bf16")
-        elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if asked == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+            logger.warning("bf16 autocast on this CPU: slower than fp32 without AMX / AVX512-BF16 "
+                           "(see `sundae-train env`); use precision 'auto' or 'fp32'")
+        elif device.type == "cuda" and not torch.cuda.is_bf16_supported():  # emulated bf16 is allowed when asked
             raise ValueError("precision 'bf16' was asked for but this GPU lacks bf16; use 'fp16' or 'auto'")
         return torch.bfloat16, False
     if name == "fp16":

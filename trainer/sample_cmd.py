@@ -1,7 +1,7 @@
 """``sundae-train sample`` / ``inpaint`` / ``env``.
 
 Model resolution: ``--model`` is a prior file, ``hf://...``, or one of the shipped names
-(``mnist-vq`` = default, ``mnist-pixels``) under ``<package>/shipped_models/sundae/``. The codec
+(``mnist-vq`` = default, ``mnist-pixels``, ``emoji``) under ``<package>/shipped_models/sundae/``. The codec
 comes from ``--vqgan`` or from what the prior records in its metadata (``sundae.codec``:
 ``pixel:levels=..,channels=..`` or ``vqgan:sha256=..`` with ``sundae.vqgan_file``, looked up
 beside the prior, in a sibling ``vqgan/`` folder and in ``shipped_models/vqgan/``). Sampler
@@ -23,7 +23,7 @@ from .config import PACKAGE_ROOT
 logger = logging.getLogger(__name__)
 
 SHIPPED = PACKAGE_ROOT / "shipped_models"
-SHIPPED_PRIORS = {"mnist-vq": "mnist-vq.safetensors", "mnist-pixels": "mnist-pixels.safetensors"}
+SHIPPED_PRIORS = {"mnist-vq": "mnist-vq.safetensors", "mnist-pixels": "mnist-pixels.safetensors", "emoji": "emoji.safetensors"}
 DEFAULT_MODEL = "mnist-vq"
 
 
@@ -139,13 +139,27 @@ def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
     return torch.full((n,), k, dtype=torch.long)
 
 
-def _setup(model, vqgan, device):
+def prior_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``--precision`` -> the dtype the prior's weights run in: ``auto`` =
+    ``sundae_lib.preferred_dtype(device)``; explicit choices as asked (with the trainer's checks:
+    a warning for bf16 on a CPU without fast bf16, an error for bf16 on a GPU without it)."""
+    from .runtime import resolve_precision
+
+    dtype, _ = resolve_precision(precision, device)
+    return dtype or torch.float32
+
+
+def _setup(model, vqgan, device, precision="auto"):
     from ..sundae_lib import load_prior
+    from ..sundae_lib.dtypes import dtype_name
     from .dist import pick_device
 
     dev = pick_device(device)
     source = resolve_model_path(model)
-    prior = load_prior(source).to(dev).eval()
+    dtype = prior_dtype(precision, dev)
+    # the prior runs in `dtype` (the sampler casts its logits to fp32); the codec stays fp32
+    prior = load_prior(source).to(device=dev, dtype=dtype).eval()
+    logger.info("prior on %s in %s (--precision %s)", dev, dtype_name(dtype), precision)
     codec = resolve_codec(prior, source, vqgan).to(dev)
     meta = prior.metadata or {}
     defaults = json.loads(meta["sundae.sampling"]) if meta.get("sundae.sampling") else {}
@@ -174,12 +188,13 @@ def _write(images: torch.Tensor, out: str, *, nrow: int | None = None) -> list[P
 
 @torch.no_grad()
 def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, steps, temperature,
-               update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device) -> list[Path]:
+               update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device,
+               precision="auto") -> list[Path]:
     from ..sundae_lib import sample
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
-    prior, codec, dev, defaults = _setup(model, vqgan, device)
+    prior, codec, dev, defaults = _setup(model, vqgan, device, precision)
     token_grid = tuple(prior.config.grid)
     if grid:
         try:
@@ -248,11 +263,12 @@ def _pixel_mask(mask: str | None, box: str | None, size: tuple[int, int]) -> tor
 
 @torch.no_grad()
 def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, model, vqgan, seed, steps,
-                temperature, update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device) -> list[Path]:
+                temperature, update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device,
+                precision="auto") -> list[Path]:
     from ..sundae_lib import PixelCodec, sample
     from ..sundae_lib.masks import grow_token_mask, token_mask_from_pixels
 
-    prior, codec, dev, defaults = _setup(model, vqgan, device)
+    prior, codec, dev, defaults = _setup(model, vqgan, device, precision)
     x = _load_image(image, int(codec.in_channels), resize).to(dev)
     H, W = x.shape[-2:]
     pm = _pixel_mask(mask, box, (H, W))
@@ -290,6 +306,8 @@ def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, mo
 def environment_report() -> str:
     import importlib.metadata as md
 
+    from ..sundae_lib.dtypes import cuda_has_bf16, dtype_name, preferred_dtype
+
     def version(pkg: str) -> str:
         try:
             return md.version(pkg)
@@ -307,14 +325,15 @@ def environment_report() -> str:
         f"numpy          {version('numpy')}",
         f"click          {version('click')}",
         f"cpu threads    {torch.get_num_threads()}",
-        f"cpu bf16       {'AMX/AVX512-bf16' if _cpu_bf16() else 'no native bf16 (fp32 is faster here)'}",
+        *_cpu_precision_lines(),
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             lines.append(
                 f"cuda:{i}         {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}, "
-                f"bf16={'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+                f"bf16={'yes' if cuda_has_bf16(torch.device('cuda', i)) else 'no'}, "
+                f"auto dtype {dtype_name(preferred_dtype(torch.device('cuda', i)))}"
             )
     else:
         lines.append("devices        cpu")
@@ -323,9 +342,23 @@ def environment_report() -> str:
     return "\n".join(lines)
 
 
-def _cpu_bf16() -> bool:
+def _cpu_precision_lines() -> list[str]:
+    """What ``auto`` picks on the CPU and why: the bf16 instructions found, the measured
+    bf16 / fp32 matmul speed ratio, the choice."""
+    from ..sundae_lib.dtypes import BENCH_SIZE, ENV_CPU_DTYPE, MIN_SPEEDUP, cpu_bf16_report
+
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        rep = cpu_bf16_report()
+    except ValueError as exc:  # a bad SUNDAE_CPU_DTYPE: show it instead of failing the report
+        return [f"cpu auto dtype error: {exc}"]
+    flags = " ".join(rep["flags"]) or "none (no AMX / AVX512-BF16)"
+    if rep["ratio"] is not None:
+        speed = (f"{rep['ratio']:.2f}x fp32 ({BENCH_SIZE}x{BENCH_SIZE} matmul, bf16 needs >= "
+                 f"{MIN_SPEEDUP}x)")
+    else:
+        speed = f"not measured ({rep['reason']})"
+    return [
+        f"cpu bf16 isa   {flags} (torch cpu capability {rep['torch_capability']})",
+        f"cpu bf16 speed {speed}",
+        f"cpu auto dtype {rep['dtype']}" + ("" if rep["source"] == "env" else f"  (set {ENV_CPU_DTYPE}=fp32|bf16 to override)"),
+    ]

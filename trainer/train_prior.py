@@ -88,8 +88,7 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         vq = ds.manifest["vqgan"]
         source = cfg.codec.vqgan or vq["source"]
         meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']},factor={vq['downsample_factor']}",
-                "sundae.vqgan_file": vq["file"],
-                "sundae.vqgan_source": str(source)}
+                "sundae.vqgan_file": vq["file"], **_portable_source(source)}
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
     h, w = ds.size
@@ -102,9 +101,18 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
         meta = {"sundae.codec": f"vqgan:sha256={sha},factor={codec.downsample_factor}", "sundae.vqgan_file": name,
-                "sundae.vqgan_source": str(cfg.codec.vqgan)}
+                **_portable_source(cfg.codec.vqgan)}
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
+
+
+def _portable_source(source: Any) -> dict[str, str]:
+    """``sundae.vqgan_source`` only for sources that mean the same on every machine (``hf://``):
+    a local path is this machine's and never goes into a model file (the VQ-GAN is found by
+    ``sundae.vqgan_file`` beside the prior, in a sibling ``vqgan/`` folder or among the shipped
+    models)."""
+    source = str(source)
+    return {"sundae.vqgan_source": source} if source.startswith("hf://") else {}
 
 
 def _model_source(source: str) -> str:
