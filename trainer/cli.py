@@ -329,8 +329,8 @@ def emoji(out, packages, cache, fraction, seed, check) -> None:
 
 def sampling_options(fn):
     opts = [
-        click.option("--model", "-m", metavar="FILE|mnist-vq|mnist-pixels",
-                     help="Prior file (or hf://...). Default: the shipped mnist-vq prior."),
+        click.option("--model", "-m", metavar="FILE|mnist-vq|mnist-pixels|emoji",
+                     help="Prior file (or hf://...) or a shipped prior's name. Default: the shipped mnist-vq prior."),
         click.option("--vqgan", metavar="FILE|pixel:levels=N,channels=C",
                      help="Codec. Default: the one the prior records (found beside it or in shipped_models)."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -412,6 +412,41 @@ def inpaint(image, mask, box, rule, grow, resize, composite, num, out, **kw) -> 
 
     paths = _guard(body)
     click.echo(f"wrote {', '.join(str(p) for p in paths[:3])}{' ...' if len(paths) > 3 else ''}")
+
+
+@main.command("record-sampling", context_settings=CONTEXT, epilog="""\b
+Examples:
+  sundae-train record-sampling runs/emoji/prior/emoji.safetensors --steps 25 --cfg 3 -t 1.0,0.5
+  sundae-train record-sampling model.safetensors          # print what the file records
+""")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--steps", type=int, help="Sampling steps.")
+@click.option("--temperature", "-t", metavar="T|START,END", help="Temperature (schedule).")
+@click.option("--update-proportion", "-p", metavar="P|START,END", help="Proportion of tokens updated per step.")
+@click.option("--min-steps", type=int, help="Steps before early stopping may freeze a sample.")
+@click.option("--early-stop/--no-early-stop", default=None)
+@click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale (1 = off).")
+def record_sampling(model, **settings) -> None:
+    """Record sampling settings in a prior file: they become the defaults of sample(), the CLI
+    and the ComfyUI sampler. Only the given settings change; the weights stay bit-identical.
+    Without options, print what the file records."""
+
+    def body():
+        from .sample_cmd import record_sampling as run
+
+        return run(model, **settings)
+
+    before, after = _guard(body)
+    if before == after:
+        click.echo(f"{model}: {json_dumps(after)}")
+    else:
+        click.echo(f"{model}: {json_dumps(before)}\n  -> {json_dumps(after)}")
+
+
+def json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
 
 
 @main.command(context_settings=CONTEXT, epilog="""\b

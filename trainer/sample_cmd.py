@@ -362,3 +362,37 @@ def _cpu_precision_lines() -> list[str]:
         f"cpu bf16 speed {speed}",
         f"cpu auto dtype {rep['dtype']}" + ("" if rep["source"] == "env" else f"  (set {ENV_CPU_DTYPE}=fp32|bf16 to override)"),
     ]
+
+
+def record_sampling(path: str, *, steps=None, temperature=None, update_proportion=None, min_steps=None,
+                    early_stop=None, cfg_scale=None) -> tuple[dict, dict]:
+    """Write the given sampling settings into the prior file's ``sundae.sampling`` metadata
+    (validated like the trainer's ``[sampling]`` table; the rest of the recorded settings and
+    every tensor are kept). Returns ``(before, after)``."""
+    from ..sundae_lib import load_prior, save_prior
+    from .config import ConfigError, SamplingConfig, build_dataclass, config_to_dict
+
+    prior = load_prior(path)
+    meta = prior.metadata or {}
+    before = json.loads(meta["sundae.sampling"]) if meta.get("sundae.sampling") else {}
+    changes = {
+        "steps": steps, "min_steps": min_steps, "early_stop": early_stop, "cfg_scale": cfg_scale,
+        "temperature": _pair(_schedule(temperature, None)) if temperature is not None else None,
+        "update_proportion": _pair(_schedule(update_proportion, None)) if update_proportion is not None else None,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return before, before
+    known = {f for f in SamplingConfig.__dataclass_fields__}
+    try:
+        merged = build_dataclass(SamplingConfig, {**{k: v for k, v in before.items() if k in known}, **changes}, "sampling")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+    after = config_to_dict(merged)
+    save_prior(prior, path, metadata={"sundae.sampling": json.dumps(after)})
+    return before, after
+
+
+def _pair(value: Any) -> list[float]:
+    """A schedule as ``[start, end]`` (a single value is constant)."""
+    return [float(v) for v in value] if isinstance(value, (tuple, list)) else [float(value), float(value)]
