@@ -13,7 +13,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# node docs served by ComfyUI at /extensions/<folder>/docs/<NodeId>.md
+# node docs served by ComfyUI at /extensions/<folder>/docs/<NodeId>/en.md (what the frontend asks
+# for first, by locale) and docs/<NodeId>.md (its fallback for other locales): web/docs/
 WEB_DIRECTORY = "./web"
 
 _NODE_NAMES = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")

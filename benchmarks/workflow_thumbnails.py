@@ -27,7 +27,8 @@ SKIP = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 CORE_NAMES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "InvertMask": "Invert Mask",
               "ImageCompositeMasked": "Composite Masked", "ImagePadForOutpaint": "Pad for Outpainting"}
 TITLES = {"unconditional": "Unconditional", "class-conditional": "Class-conditional",
-          "inpainting": "Inpainting", "variations": "Variations", "outpainting": "Outpainting"}
+          "inpainting": "Inpainting", "variations": "Variations", "outpainting": "Outpainting",
+          "emoji-by-category": "Emoji by category", "emoji-inpainting": "Emoji inpainting"}
 # SundaeSampler widget order (seed, control, steps, T start, T end, p start, p end, early stop,
 # batch, class, cfg, strength, ...), as the workflow files store it
 SAMPLER_WIDGETS = ("seed", "control", "steps", "t0", "t1", "p0", "p1", "early_stop", "batch",
@@ -126,8 +127,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outputs", type=Path, help="ComfyUI output folder after running the workflows")
     ap.add_argument("--max-images", type=int, default=4, help="output images per card")
+    ap.add_argument("--only", nargs="*", metavar="NAME", help="only these workflows (file stems)")
     args = ap.parse_args()
     for path in sorted(WORKFLOWS.glob("*.json")):
+        if args.only and path.stem not in args.only:
+            continue
         wf = json.loads(path.read_text())
         prefix = widgets(wf, "SaveImage")[0]
         folder, stem = (args.outputs / prefix).parent, Path(prefix).name
@@ -146,7 +150,8 @@ def main() -> None:
         klass = "any class" if s.get("class", -1) < 0 else f"class {s['class']}"
         caption = (f"real ComfyUI output: {prior}, {s['steps']} steps, T {s['t0']}->{s['t1']}, "
                    f"cfg {s['cfg']}, {klass}" + (f", strength {s['strength']}" if s.get("strength", 1) != 1 else ""))
-        inp_caption = "input (grey = hole)" if load and "holes" in load[0] else "input"
+        holes = inp is not None and load and ("holes" in load[0] or Image.open(WORKFLOWS / load[0]).mode == "RGBA")
+        inp_caption = "input (grey = hole)" if holes else "input"
         im = card(TITLES.get(path.stem, path.stem), node_chain(wf), inp, outs, caption, inp_caption)
         im.save(path.with_suffix(".jpg"), quality=92)
         print(f"{path.with_suffix('.jpg').relative_to(REPO)}: {len(outs)} of {len(files)} images from {folder}")

@@ -176,6 +176,20 @@ def test_pack_imports_cleanly(server, object_info):
     assert set(templates.get(PACK_FOLDER, [])) >= {p.stem for p in wf_helpers.WORKFLOWS}
 
 
+def test_node_help_is_served_where_the_frontend_asks(server, object_info):
+    """The frontend's help panel (``src/services/nodeHelpService.ts``) fetches
+    ``/extensions/<pack>/docs/<NodeId>/<locale>.md``, then ``…/docs/<NodeId>.md``; the pack is the
+    second part of the node's ``python_module``. Both must answer with the markdown."""
+    from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS
+
+    for node_id in NODE_CLASS_MAPPINGS:
+        pack = object_info[node_id]["python_module"].split(".")[1]
+        for rel in (f"{node_id}/en.md", f"{node_id}.md"):
+            with urllib.request.urlopen(f"{server.url}/extensions/{pack}/docs/{rel}", timeout=30) as r:
+                assert r.status == 200, (node_id, rel, r.status)
+                assert r.read().decode() == (REPO / "web" / "docs" / f"{node_id}" / "en.md").read_text(), rel
+
+
 @pytest.mark.parametrize("path", wf_helpers.WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_on_server(path, server, object_info):
     workflow = json.loads(path.read_text())

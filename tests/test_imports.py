@@ -225,12 +225,30 @@ def test_node_mappings_as_comfyui_sees_them(comfy_loaded):
     assert info["SundaeLoadVQGAN"]["input"]["required"]["dtype"][0] == ["auto", "fp32", "bf16", "fp16"]
 
 
-def test_node_docs_exist():
-    for node_id in EXPECTED_NODES:
-        doc = REPO / "web" / "docs" / f"{node_id}.md"
-        assert doc.is_file(), f"missing node doc {doc.relative_to(REPO)}"
+def test_node_docs_exist(comfy_loaded):
+    """Every node has help where the frontend looks (comfyui-contract.md §10).
+
+    The frontend (``src/services/nodeHelpService.ts``) fetches
+    ``/extensions/<pack>/docs/<NodeId>/<locale>.md`` first, then ``docs/<NodeId>.md``. So
+    ``<NodeId>/en.md`` answers English users without a 404, and ``<NodeId>.md`` is the fallback
+    for every other locale. ``en.md`` is the source; ``<NodeId>.md`` must be an exact copy of it."""
+    data = comfy_loaded[0]
+    docs = REPO / data["web_directory"] / "docs"
+    node_ids = set(data["info"])  # NODE_CLASS_MAPPINGS as ComfyUI sees them
+    assert node_ids == set(EXPECTED_NODES)
+    for node_id in sorted(node_ids):
+        doc = docs / node_id / "en.md"
+        assert doc.is_file(), f"missing node doc {doc.relative_to(REPO)} (the frontend's first request)"
         text = doc.read_text()
-        assert text.startswith("# ") and len(text) > 300
+        assert text.startswith("# ") and len(text) > 300, f"{doc.relative_to(REPO)}: a '# Title' and real content"
+        fallback = docs / f"{node_id}.md"
+        assert fallback.is_file() and fallback.read_bytes() == doc.read_bytes(), (
+            f"{fallback.relative_to(REPO)} must be a copy of {doc.relative_to(REPO)} (the fallback for "
+            f"non-English locales): cp {doc.relative_to(REPO)} {fallback.relative_to(REPO)}"
+        )
+    stray = {p.relative_to(docs).as_posix() for p in docs.rglob("*") if p.is_file()}
+    stray -= {f"{n}/en.md" for n in node_ids} | {f"{n}.md" for n in node_ids}
+    assert not stray, f"docs for no node id (a typo in a folder name?): {sorted(stray)}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 MODEL_FILES = {
-    "vqgan": ["mnist-vq-f4.safetensors"],
-    "sundae": ["mnist-vq.safetensors", "mnist-pixels.safetensors"],
+    "vqgan": ["mnist-vq-f4.safetensors", "emoji-vq.safetensors"],
+    "sundae": ["mnist-vq.safetensors", "mnist-pixels.safetensors", "emoji.safetensors"],
 }
 
 
@@ -75,6 +75,12 @@ def make_standin_models(root: Path, *, only_missing: bool = True) -> dict[str, P
         if path := wanted("sundae", "mnist-vq.safetensors"):
             prior = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=10, **tiny))
             save_prior(prior, path, metadata={"sundae.codec": "vqgan:file=mnist-vq-f4.safetensors,factor=4"})
+        if path := wanted("vqgan", "emoji-vq.safetensors"):
+            cfg = VQGANConfig.preset("tiny", resolution=64, ch_mult=(1, 2, 2), attn_resolutions=(), n_embed=512)
+            save_vqgan(VQGAN(cfg), path)
+        if path := wanted("sundae", "emoji.safetensors"):
+            prior = SundaePrior(PriorConfig(codebook_size=512, grid=(16, 16), num_classes=9, **tiny))
+            save_prior(prior, path, metadata={"sundae.codec": "vqgan:file=emoji-vq.safetensors,factor=4"})
         if path := wanted("sundae", "mnist-pixels.safetensors"):
             prior = SundaePrior(PriorConfig(codebook_size=256, grid=(28, 28), num_classes=10, **tiny))
             save_prior(prior, path, metadata={"sundae.codec": "pixel:levels=256,channels=1"})
@@ -339,6 +345,98 @@ def test_workflow_is_ui_format(path):
         assert lid in by_id[origin]["outputs"][oslot]["links"]
         tin = by_id[target]["inputs"][tslot]
         assert tin["link"] == lid and tin["type"] == typ == by_id[origin]["outputs"][oslot]["type"]
+
+
+# LiteGraph's layout constants as ComfyUI's frontend 1.27 uses them (src/lib/litegraph: LiteGraph
+# NODE_TITLE_HEIGHT / NODE_SLOT_HEIGHT / NODE_WIDGET_HEIGHT / NODE_WIDTH / NODE_TEXT_SIZE, and
+# BaseWidget.margin 15 + arrowMargin 6 + arrowWidth 10 each side around minValueWidth 42).
+TITLE_H, SLOT_H, WIDGET_H, NODE_W, TEXT_SIZE = 30, 20, 20, 140, 14
+WIDGET_PADDING = 42 + 2 * (15 + 6 + 10)
+IMAGE_PREVIEW_H = 220  # the image preview widget's computeLayoutSize minHeight
+IMAGE_PREVIEW_NODES = {"LoadImage", "SaveImage", "PreviewImage"}
+LAYOUT_GAP = 0  # px two node rectangles must keep apart (0: touching is allowed, covering is not)
+
+
+def min_node_size(node: dict) -> tuple[float, float]:
+    """The size the frontend gives a node at least (``LGraphNode.computeSize``), from the JSON alone.
+
+    On load the frontend grows every node to ``max(stored size, computeSize())`` (``app.ts``
+    ``loadGraphData``), so a smaller stored size is not what users see. computeSize, in graph
+    pixels below the title bar:
+    ``rows * 20`` for the socket rows (rows = max(inputs that are not widgets, outputs, 1)), then
+    ``20 + 4`` per widget and ``8`` after the widgets, then a ``6`` margin. Widgets are counted as the
+    serialized ``widgets_values`` (one per widget, the seed's control_after_generate included), plus
+    the 220 px image preview that LoadImage and the image-saving nodes show. The width is at least
+    ``1.5 * 140`` with widgets (140 without), the widest widget label + the widget padding, and the
+    widest input and output labels side by side + two slot widths; text is estimated as the
+    frontend's fallback does, ``0.6 * 14`` px per character. Multiline/DOM widgets (Notes) count as
+    one 20 px row: their stored sizes are far larger anyway."""
+    def text_w(slot: dict) -> float:  # the label as drawn, at the fallback width per character
+        return TEXT_SIZE * 0.6 * len(slot.get("label") or slot.get("localized_name") or slot["name"])
+
+    inputs = node.get("inputs") or []
+    outputs = node.get("outputs") or []
+    sockets = [i for i in inputs if "widget" not in i]
+    widget_inputs = [i for i in inputs if "widget" in i]
+    n_widgets = len(node.get("widgets_values") or [])
+    rows = max(len(sockets), len(outputs), 1)
+    height = rows * SLOT_H
+    if n_widgets or node["type"] in IMAGE_PREVIEW_NODES:
+        height += n_widgets * (WIDGET_H + 4) + 8
+        if node["type"] in IMAGE_PREVIEW_NODES:
+            height += IMAGE_PREVIEW_H + 4
+    height += 6
+
+    in_w = max((text_w(i) for i in sockets), default=0)
+    out_w = max((text_w(o) for o in outputs), default=0)
+    slots_w = in_w + out_w + 2 * SLOT_H + (5 if in_w and out_w else 0)
+    widget_w = max((text_w(i) + WIDGET_PADDING for i in widget_inputs), default=0)
+    width = max(slots_w, widget_w, NODE_W * (1.5 if n_widgets else 1))
+    return width, height
+
+
+def node_rect(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in graph pixels as drawn: title bar above ``pos``, grown size."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    min_w, min_h = min_node_size(node)
+    return x, y - TITLE_H, x + max(w, min_w), y + max(h, min_h)
+
+
+def node_name(node: dict) -> str:
+    return f"node {node['id']} ({node.get('title') or node['type']})"
+
+
+def test_min_node_size_matches_the_frontend():
+    """The estimate against sizes worked out by hand from LiteGraph's computeSize."""
+    wf = json.loads((WORKFLOW_DIR / "inpainting.json").read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    # sampler: 3 sockets, 13 widget inputs + the seed's control widget = 14 widgets
+    assert min_node_size(by_type["SundaeSampler"])[1] == 3 * 20 + 14 * 24 + 8 + 6 == 410
+    assert min_node_size(by_type["SundaeLoadPrior"])[1] == 20 + 2 * 24 + 8 + 6 == 82
+    assert min_node_size(by_type["SundaeEncode"])[1] == 2 * 20 + 6 == 46
+    assert min_node_size(by_type["LoadImage"])[1] == 2 * 20 + 2 * 24 + 224 + 8 + 6 == 326
+    assert min_node_size(by_type["SaveImage"])[1] == 20 + 24 + 224 + 8 + 6 == 282
+    assert min_node_size(by_type["InvertMask"]) == (140, 26)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_layout_has_no_overlaps(path):
+    """No node (title bar included, at the size the frontend will draw it) covers another: a Note
+    over a sampler hides its widgets, a loader under an output socket hides the socket."""
+    wf = json.loads(path.read_text())
+    nodes = [n for n in wf["nodes"] if not (n.get("flags") or {}).get("collapsed")]
+    assert len(nodes) == len(wf["nodes"]), f"{path.name}: collapsed nodes are not expected in examples"
+    overlaps = []
+    for i, a in enumerate(nodes):
+        ax0, ay0, ax1, ay1 = node_rect(a)
+        for b in nodes[i + 1:]:
+            bx0, by0, bx1, by1 = node_rect(b)
+            if ax0 < bx1 + LAYOUT_GAP and bx0 < ax1 + LAYOUT_GAP and ay0 < by1 + LAYOUT_GAP and by0 < ay1 + LAYOUT_GAP:
+                overlaps.append(
+                    f"{node_name(a)} [{ax0:.0f},{ay0:.0f} .. {ax1:.0f},{ay1:.0f}] overlaps "
+                    f"{node_name(b)} [{bx0:.0f},{by0:.0f} .. {bx1:.0f},{by1:.0f}]"
+                )
+    assert not overlaps, f"{path.name}: node rectangles (title bar included) overlap:\n" + "\n".join(overlaps)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
