@@ -414,6 +414,32 @@ def inpaint(image, mask, box, rule, grow, resize, composite, num, out, **kw) -> 
     click.echo(f"wrote {', '.join(str(p) for p in paths[:3])}{' ...' if len(paths) > 3 else ''}")
 
 
+@main.command("convert", context_settings=CONTEXT, epilog="""\b
+Examples:
+  sundae-train convert runs/emoji/vqgan/emoji-vq.safetensors shipped/emoji-vq.safetensors
+  sundae-train convert runs/emoji/prior/emoji.safetensors shipped/emoji.safetensors \\
+      --vqgan shipped/emoji-vq.safetensors     # the prior now records the fp16 VQ-GAN
+""")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Storage dtype of the weights (loading always gives fp32 models).")
+@click.option("--vqgan", metavar="FILE", help="For a prior: the VQ-GAN file it records from now on (sha256, factor, name).")
+def convert(src, out, dtype, vqgan) -> None:
+    """Re-save a native VQ-GAN or prior with its weights in another dtype (fp16 halves the file),
+    keeping its metadata; a prior can be re-pointed at a converted VQ-GAN."""
+
+    def body():
+        from .convert import convert_model
+
+        return convert_model(src, out, dtype=dtype, vqgan=vqgan)
+
+    r = _guard(body)
+    click.echo(f"wrote {r['out']} ({r['type']}, {r['dtype']}): {r['bytes_in'] / 1e6:.2f} MB -> "
+               f"{r['bytes_out'] / 1e6:.2f} MB, largest weight change {r['max_weight_change']:.2e}, "
+               f"sha256 {r['sha256']}" + (f"; codec {r['codec']}" if r["codec"] else ""))
+
+
 @main.command("record-sampling", context_settings=CONTEXT, epilog="""\b
 Examples:
   sundae-train record-sampling runs/emoji/prior/emoji.safetensors --steps 25 --cfg 3 -t 1.0,0.5
