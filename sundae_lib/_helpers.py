@@ -115,21 +115,91 @@ def parse_hf_source(source: str) -> tuple[str, str]:
     return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
 
 
+HF_PROBE_TIMEOUT_S = 3.0  # how long the Hub (or the HTTPS proxy) may take to accept a connection
+_HF_PROBE_TTL_S = 30.0  # one probe serves the downloads of one load (config + weights)
+_hf_probe: tuple[float, str, str | None] | None = None  # (when, endpoint, why unreachable)
+
+
+def _hub_unreachable(timeout: float) -> str | None:
+    """None when a TCP connection to the Hub's endpoint (or to the proxy the environment names
+    for it) opens within ``timeout`` seconds, else why not. huggingface_hub itself retries a
+    dead network for ~25-50 s; this answers in ``timeout``. DNS lookups take no timeout, so the
+    probe runs in a daemon thread that is abandoned when it is late."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+    from urllib.parse import urlparse
+
+    global _hf_probe
+    try:
+        from huggingface_hub import constants
+
+        endpoint = str(constants.ENDPOINT)
+    except (ImportError, AttributeError):  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    now = time.monotonic()
+    if _hf_probe is not None and _hf_probe[1] == endpoint and now - _hf_probe[0] < _HF_PROBE_TTL_S:
+        return _hf_probe[2]
+    url = urlparse(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="sundae-hf-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        why = f"{host}:{port} did not answer within {timeout:g} s"
+    elif outcome[0] is not None:
+        why = f"{host}:{port}: {type(outcome[0]).__name__}: {outcome[0]}"
+    else:
+        why = None
+    _hf_probe = (now, endpoint, why)
+    return why
+
+
 def hf_download(repo_id: str, filename: str, *, source: str | None = None) -> Path:
     """Download (or take from the local cache) one file of a Hub repository.
 
     Honours ``HF_HUB_OFFLINE``: offline, a file that is not cached raises a ``FileNotFoundError``
-    that says how to fetch it."""
+    that says how to fetch it. Online, the Hub is probed first (``HF_PROBE_TIMEOUT_S``): when it
+    cannot be reached, a cached copy is used (with a warning) or the error comes at once, instead
+    of after huggingface_hub's ~25-50 s of retries."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise ImportError("hf:// sources need the huggingface_hub package: pip install huggingface_hub") from exc
     label = source or f"hf://{repo_id}/{filename}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    why = None if offline else _hub_unreachable(HF_PROBE_TIMEOUT_S)
+    if why is not None:
+        try:
+            path = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+        except Exception as exc:  # LocalEntryNotFoundError and friends
+            raise FileNotFoundError(
+                f"{label}: the Hugging Face Hub cannot be reached ({why}) and {filename!r} is not in "
+                f"the local cache. Check the network or proxy (HTTPS_PROXY) and retry, or download "
+                f"it once where the Hub is reachable (huggingface-cli download {repo_id} {filename}); "
+                "once cached, set HF_HUB_OFFLINE=1 to skip the network entirely"
+            ) from exc
+        logger.warning("%s: the Hugging Face Hub cannot be reached (%s); using the cached copy "
+                       "(set HF_HUB_OFFLINE=1 to skip this check)", label, why)
+        return path
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:  # huggingface_hub raises several unrelated exception types
         name = type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         if offline or "Offline" in name or "LocalEntryNotFound" in name:
             raise FileNotFoundError(
                 f"{label}: {filename!r} is not in the local Hugging Face cache and offline mode is "
