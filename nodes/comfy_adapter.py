@@ -128,6 +128,7 @@ def model_folder_paths(name: str) -> list[str]:
 # bounds of a model-folder listing (dropdowns are built on every /object_info request)
 MAX_WALK_DEPTH = 16  # folder levels below a model root
 MAX_WALK_DIRS = 10_000  # folders visited per root
+_walk_warned: set[str] = set()
 
 
 def _walk_model_files(root: str) -> list[str]:
@@ -174,7 +175,10 @@ def _walk_model_files(root: str) -> list[str]:
                 found.append(f"{rel}{entry.name}")
         stack.extend(reversed(subdirs))
     if limits:
-        logger.warning("model folder %r: %s%s", root, "; ".join(limits[:3]), " ..." if len(limits) > 3 else "")
+        message = f"model folder {root!r}: {'; '.join(limits[:3])}{' ...' if len(limits) > 3 else ''}"
+        if message not in _walk_warned:  # listings repeat on every node-list refresh: warn once
+            _walk_warned.add(message)
+            logger.warning("%s", message)
     return found
 
 
