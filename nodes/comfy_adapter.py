@@ -125,13 +125,60 @@ def model_folder_paths(name: str) -> list[str]:
     return list(_fallback_folders.get(name, []))
 
 
+# bounds of a model-folder listing (dropdowns are built on every /object_info request)
+MAX_WALK_DEPTH = 16  # folder levels below a model root
+MAX_WALK_DIRS = 10_000  # folders visited per root
+_walk_warned: set[str] = set()
+
+
 def _walk_model_files(root: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in filenames:
-            if os.path.splitext(fname)[1].lower() in MODEL_EXTENSIONS:
-                found.append(os.path.relpath(os.path.join(dirpath, fname), root).replace(os.sep, "/"))
+    """Model files under ``root`` as relative ``/`` paths, following symlinked folders (as
+    ComfyUI does) but never into a folder that is its own ancestor (a symlink loop), at most
+    ``MAX_WALK_DEPTH`` levels deep and ``MAX_WALK_DIRS`` folders wide."""
+    found: list[str] = []
+    visited = 0
+    limits: list[str] = []
+    stack: list[tuple[str, str, frozenset]] = [(root, "", frozenset())]
+    while stack:
+        path, rel, ancestors = stack.pop()
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in ancestors:
+            limits.append(f"symlink loop at {path!r} (skipped)")
+            continue
+        if visited >= MAX_WALK_DIRS:
+            limits.append(f"more than {MAX_WALK_DIRS} folders (MAX_WALK_DIRS); the rest is not listed")
+            break
+        visited += 1
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                continue
+            if is_dir:
+                if entry.name.startswith("."):
+                    continue
+                if rel.count("/") >= MAX_WALK_DEPTH:  # the child would be one level deeper
+                    limits.append(f"{entry.path!r} is deeper than {MAX_WALK_DEPTH} levels (MAX_WALK_DEPTH)")
+                    continue
+                subdirs.append((entry.path, f"{rel}{entry.name}/", ancestors | {ident}))
+            elif os.path.splitext(entry.name)[1].lower() in MODEL_EXTENSIONS:
+                found.append(f"{rel}{entry.name}")
+        stack.extend(reversed(subdirs))
+    if limits:
+        message = f"model folder {root!r}: {'; '.join(limits[:3])}{' ...' if len(limits) > 3 else ''}"
+        if message not in _walk_warned:  # listings repeat on every node-list refresh: warn once
+            _walk_warned.add(message)
+            logger.warning("%s", message)
     return found
 
 
@@ -150,11 +197,9 @@ def list_model_files(name: str, *, diffusers_vqmodels: bool = False) -> list[str
     """Model files of folder ``name`` as relative paths (sorted, unique). With
     ``diffusers_vqmodels``, diffusers ``VQModel`` folders (a ``config.json`` whose
     ``_class_name`` is ``VQModel``) are listed once as ``"<folder>/"`` instead of their files."""
-    fp = _folder_paths()
-    if fp is not None:
-        files = list(fp.get_filename_list(name))  # cached by ComfyUI on directory mtimes
-    else:
-        files = [f for root in model_folder_paths(name) for f in _walk_model_files(root)]
+    # our own bounded walk, also inside ComfyUI: folder_paths.get_filename_list follows
+    # symlinks without loop detection, so one looping link would hang the node list
+    files = [f for root in model_folder_paths(name) for f in _walk_model_files(root)]
     if not diffusers_vqmodels:
         return sorted(set(files))
     roots = model_folder_paths(name)
@@ -196,13 +241,24 @@ def resolve_model_path(name: str, entry: str) -> Path:
 
 
 def file_signature(path: Path) -> str:
-    """Changes when a model file (or any file of a model folder) is edited: mtime and size."""
-    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    """Changes when the model file is edited: mtime and size. For a diffusers folder, of the two
+    files a load reads (its ``config.json`` and the weights file chosen): never a tree walk."""
+    paths = _diffusers_files(path) if path.is_dir() else [path]
     parts = []
     for p in paths:
         st = p.stat()
         parts.append(f"{p.name}:{st.st_mtime_ns}:{st.st_size}")
     return "|".join(parts)
+
+
+def _diffusers_files(folder: Path) -> list[Path]:
+    from ..sundae_lib.vqgan_formats import DIFFUSERS_WEIGHTS
+
+    for base in (folder, folder / "vqvae"):  # a VQModel folder, or a pipeline's vqvae/
+        if (base / "config.json").is_file():
+            weights = next((base / n for n in DIFFUSERS_WEIGHTS if (base / n).is_file()), None)
+            return [base / "config.json"] + ([weights] if weights is not None else [])
+    return [folder]  # not loadable; the loader explains why
 
 
 # --------------------------------------------------------------------------------------------

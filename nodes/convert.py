@@ -25,6 +25,12 @@ def image_to_codec(image: torch.Tensor, codec: CodecHandle, *, node: str) -> tup
         )
     if image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"{node}: IMAGE has {image.shape[-1]} channels; expected 1, 3 or 4 (RGB[A])")
+    if min(image.shape[:3]) == 0:
+        raise ValueError(
+            f"{node}: the IMAGE is empty (shape [B, H, W, C] = {list(image.shape)}); it needs at least "
+            "one image of at least 1x1 pixels — check the node that feeds it (e.g. a batch filter "
+            "that matched nothing)"
+        )
     rgb = image[..., :3].float()
     if rgb.shape[-1] == 1:
         rgb = repeat(rgb, "b h w 1 -> b h w c", c=3)

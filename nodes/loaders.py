@@ -124,7 +124,16 @@ def factor_from_codec_metadata(codec: str | None) -> int | None:
     if codec.startswith("pixel"):
         return 1
     m = _FACTOR_RE.search(codec)
-    return int(m.group(1)) if m else None
+    if m is None:
+        return None
+    factor = int(m.group(1))
+    if factor < 1:
+        logger.warning(
+            "the prior's 'sundae.codec' metadata %r gives factor=%d, but a codec factor is >= 1; "
+            "ignoring it (connect the VQ-GAN to the sampler to size images in pixels)", codec, factor,
+        )
+        return None
+    return factor
 
 
 class SundaeLoadPrior:

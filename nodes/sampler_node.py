@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 PREVIEW_INTERVAL_S = 1.0  # decode a live preview at most about once a second
 PREVIEW_MAX_SIZE = 512
 MAX_SIZE = 16384
+MIN_STRENGTH = 0.01  # strength 0 would change nothing (the library needs a fraction in (0, 1])
 clock = time.monotonic  # tests replace it with a fake clock
 
 
@@ -57,7 +58,7 @@ class SundaeSampler:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Images to generate (per input image when tokens are connected); more takes longer."}),
                 "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip": "The class to generate for a class-conditional prior (e.g. the digit 0-9); -1 = unconditional (the null class)."}),
                 "cfg_scale": _float(1.0, 0.0, 30.0, 0.1, "Classifier-free guidance for a class: 1 = off, higher follows the class more strongly at the cost of variety."),
-                "strength": _float(1.0, 0.0, 1.0, 0.01, "With input tokens: how much may change; 1 regenerates fully (or the whole mask), lower keeps more of the input (variations)."),
+                "strength": _float(1.0, MIN_STRENGTH, 1.0, 0.01, "With input tokens: how much may change; 1 regenerates fully (or the whole mask), lower keeps more of the input (variations)."),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image width in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained width; larger gives wider images."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image height in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained height; larger gives taller images."}),
             },
@@ -72,6 +73,7 @@ class SundaeSampler:
             cfg_scale: float, strength: float, width: int, height: int,
             tokens: TokenBatch | None = None, vqgan: CodecHandle | None = None):
         comfy.throw_if_interrupted()
+        _check_strength(strength, tokens)
         _check_codebooks(prior, vqgan)
         labels = _labels(prior, class_label, batch_size * (tokens.batch_size if tokens is not None else 1))
 
@@ -105,6 +107,20 @@ class SundaeSampler:
         )
         callback.finish()
         return (out.replace(tokens=result.to("cpu", torch.long)),)
+
+
+def _check_strength(strength: float, tokens: TokenBatch | None) -> None:
+    if not MIN_STRENGTH <= strength <= 1.0:
+        raise ValueError(
+            f"SundaeSampler: strength {strength} is outside {MIN_STRENGTH}..1 — set 1 to regenerate "
+            "fully, or a value below 1 (with tokens connected) to keep more of the input"
+        )
+    if strength < 1.0 and tokens is None:
+        raise ValueError(
+            f"SundaeSampler: strength {strength} makes variations of input tokens, but no tokens "
+            "are connected — connect VQ-GAN Encode's tokens to the 'tokens' input, or set strength "
+            "to 1 to generate from scratch"
+        )
 
 
 def _check_codebooks(prior: PriorHandle, vqgan: CodecHandle | None) -> None:

@@ -21,6 +21,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+# A model file may describe at most this many parameters (8 GB in fp32; the largest published
+# SUNDAE prior has 214M, a taming VQ-GAN ~90M): configs beyond it are refused before building.
+MAX_PARAMETERS = 2_000_000_000
 META_MODEL_TYPE = "sundae.model_type"
 META_FORMAT_VERSION = "sundae.format_version"
 META_CONFIG = "sundae.config"
@@ -112,21 +115,91 @@ def parse_hf_source(source: str) -> tuple[str, str]:
     return f"{parts[0]}/{parts[1]}", "/".join(parts[2:])
 
 
+HF_PROBE_TIMEOUT_S = 3.0  # how long the Hub (or the HTTPS proxy) may take to accept a connection
+_HF_PROBE_TTL_S = 30.0  # one probe serves the downloads of one load (config + weights)
+_hf_probe: tuple[float, str, str | None] | None = None  # (when, endpoint, why unreachable)
+
+
+def _hub_unreachable(timeout: float) -> str | None:
+    """None when a TCP connection to the Hub's endpoint (or to the proxy the environment names
+    for it) opens within ``timeout`` seconds, else why not. huggingface_hub itself retries a
+    dead network for ~25-50 s; this answers in ``timeout``. DNS lookups take no timeout, so the
+    probe runs in a daemon thread that is abandoned when it is late."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+    from urllib.parse import urlparse
+
+    global _hf_probe
+    try:
+        from huggingface_hub import constants
+
+        endpoint = str(constants.ENDPOINT)
+    except (ImportError, AttributeError):  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    now = time.monotonic()
+    if _hf_probe is not None and _hf_probe[1] == endpoint and now - _hf_probe[0] < _HF_PROBE_TTL_S:
+        return _hf_probe[2]
+    url = urlparse(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="sundae-hf-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        why = f"{host}:{port} did not answer within {timeout:g} s"
+    elif outcome[0] is not None:
+        why = f"{host}:{port}: {type(outcome[0]).__name__}: {outcome[0]}"
+    else:
+        why = None
+    _hf_probe = (now, endpoint, why)
+    return why
+
+
 def hf_download(repo_id: str, filename: str, *, source: str | None = None) -> Path:
     """Download (or take from the local cache) one file of a Hub repository.
 
     Honours ``HF_HUB_OFFLINE``: offline, a file that is not cached raises a ``FileNotFoundError``
-    that says how to fetch it."""
+    that says how to fetch it. Online, the Hub is probed first (``HF_PROBE_TIMEOUT_S``): when it
+    cannot be reached, a cached copy is used (with a warning) or the error comes at once, instead
+    of after huggingface_hub's ~25-50 s of retries."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise ImportError("hf:// sources need the huggingface_hub package: pip install huggingface_hub") from exc
     label = source or f"hf://{repo_id}/{filename}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    why = None if offline else _hub_unreachable(HF_PROBE_TIMEOUT_S)
+    if why is not None:
+        try:
+            path = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True))
+        except Exception as exc:  # LocalEntryNotFoundError and friends
+            raise FileNotFoundError(
+                f"{label}: the Hugging Face Hub cannot be reached ({why}) and {filename!r} is not in "
+                f"the local cache. Check the network or proxy (HTTPS_PROXY) and retry, or download "
+                f"it once where the Hub is reachable (huggingface-cli download {repo_id} {filename}); "
+                "once cached, set HF_HUB_OFFLINE=1 to skip the network entirely"
+            ) from exc
+        logger.warning("%s: the Hugging Face Hub cannot be reached (%s); using the cached copy "
+                       "(set HF_HUB_OFFLINE=1 to skip this check)", label, why)
+        return path
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:  # huggingface_hub raises several unrelated exception types
         name = type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         if offline or "Offline" in name or "LocalEntryNotFound" in name:
             raise FileNotFoundError(
                 f"{label}: {filename!r} is not in the local Hugging Face cache and offline mode is "
@@ -198,8 +271,112 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def load_native(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """Read a native model file: returns ``(config_dict, state_dict, metadata)``.
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, dtype name)}`` from a ``.safetensors`` header, without reading tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            out = {}
+            for key in fh.keys():
+                sl = fh.get_slice(key)
+                out[key] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except Exception as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .safetensors file ({type(exc).__name__}: {exc}); "
+            "it may be truncated or of another format — download or export it again"
+        ) from exc
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def safetensors_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"F32"`` ...); float32 for exotic ones,
+    which only shape checks see."""
+    return _SAFETENSORS_DTYPES.get(name, torch.float32)
+
+
+class _SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Random fills are no-ops on meta tensors, but torch routes some of them (``normal_``)
+    through Python references that import ``torch._dynamo`` (seconds): skip them."""
+
+    SKIP = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                      "xavier_uniform_", "xavier_normal_", "orthogonal_", "bernoulli_",
+                      "exponential_", "random_", "cauchy_", "log_normal_", "geometric_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.SKIP:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``factory()`` with every tensor on the meta device: shapes without memory (and without
+    running random initialisation)."""
+    with torch.device("meta"), _SkipRandomInit():
+        return factory()
+
+
+def check_weights_fit(
+    factory: Callable[[], torch.nn.Module],
+    shapes: Mapping[str, Any],
+    *,
+    what: str,
+    max_parameters: int = MAX_PARAMETERS,
+) -> None:
+    """Refuse, before anything is allocated, a config that builds more than ``max_parameters``
+    parameters or whose state dict does not match ``shapes`` (key -> shape, or -> ``(shape,
+    dtype)`` as :func:`read_safetensors_shapes` gives, or -> tensor). The model is built on the
+    meta device, so a file claiming a huge config costs nothing to reject."""
+    model = build_on_meta(factory)
+    total = sum(p.numel() for p in model.parameters())
+    if total > max_parameters:
+        raise ValueError(
+            f"{what}: the config describes a model of {total:,} parameters, more than the limit of "
+            f"{max_parameters:,} (MAX_PARAMETERS, {max_parameters * 4 / 1e9:.0f} GB in fp32); the "
+            "file's config is wrong or the model is far too large to load — check the file"
+        )
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = _mismatches(own, {k: _shape_of(v) for k, v in shapes.items()})
+    if problems:
+        raise ValueError(f"{what}: the weights do not match the model config: " + "; ".join(problems))
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+        return tuple(value[0])  # (shape, dtype name)
+    return tuple(value)
+
+
+def _mismatches(own: Mapping[str, tuple], theirs: Mapping[str, tuple]) -> list[str]:
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    bad_shapes = sorted(
+        f"{k}: file {theirs[k]} vs model {own[k]}" for k in set(own) & set(theirs) if own[k] != theirs[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if bad_shapes:
+        problems.append(f"shape mismatches {_short(bad_shapes)}")
+    return problems
+
+
+def read_native_header(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, dict[str, str]]:
+    """The config dict and string metadata of a native model file, reading only its header.
 
     Raises ``ValueError`` naming the file when it is not a native file of ``expected_type``."""
     path = Path(path)
@@ -223,29 +400,27 @@ def load_native(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, d
         )
     try:
         config = json.loads(meta[META_CONFIG])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r}: the '{META_CONFIG}' metadata is missing or not JSON") from exc
+    except (KeyError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(
+            f"{str(path)!r}: the '{META_CONFIG}' metadata is missing or not JSON; the file is damaged "
+            "— export it again"
+        ) from exc
+    return config, meta
+
+
+def load_native(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """Read a native model file: returns ``(config_dict, state_dict, metadata)``.
+
+    Raises ``ValueError`` naming the file when it is not a native file of ``expected_type``."""
+    config, meta = read_native_header(path, expected_type=expected_type)
     return config, load_safetensors(path), meta
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
     """``module.load_state_dict(strict=True)`` with an error that names missing and unexpected
     keys and mismatched shapes instead of torch's wall of text."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    bad_shapes = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if tuple(own[k].shape) != tuple(state_dict[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
-    if bad_shapes:
-        problems.append(f"shape mismatches {_short(bad_shapes)}")
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = _mismatches(own, {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         raise ValueError(f"{what}: the weights do not match the model config: " + "; ".join(problems))
     module.load_state_dict(dict(state_dict), strict=True)

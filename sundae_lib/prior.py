@@ -50,13 +50,16 @@ from ._helpers import (
     META_CONFIG,
     META_FORMAT_VERSION,
     META_MODEL_TYPE,
+    check_weights_fit,
     config_from_dict,
     config_to_json,
     hf_download,
     is_hf_source,
-    load_native,
+    load_safetensors,
     load_state_dict_strict,
     parse_hf_source,
+    read_native_header,
+    read_safetensors_shapes,
     resolve_local,
     save_native,
 )
@@ -66,6 +69,12 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "sundae_prior"
 Depth = int | tuple  # int, or (pre: int, inner: Depth, post: int)
+
+# Config limits, far above any published model (paper: 32×32 tokens, 16 blocks, 1 level); a
+# file beyond them is refused when read instead of failing (or exhausting memory) later.
+MAX_GRID_SIDE = 1024  # tokens per side of the trained grid
+MAX_BLOCKS = 512  # self-attention blocks in total
+MAX_LEVELS = 8  # nested shortening levels
 
 # Parameter counts below: ours [paper table, official-sundae.md §2]. Ours differ by the null
 # class row, the extra LayerNorm on the resampling context and bias details: < 0.1 %.
@@ -152,6 +161,12 @@ class PriorConfig:
         if (not isinstance(self.grid, tuple) or len(self.grid) != 2
                 or not all(_is_int(v) and v >= 1 for v in self.grid)):
             raise ValueError(f"PriorConfig.grid must be (h, w) with h, w >= 1, got {self.grid!r}")
+        if max(self.grid) > MAX_GRID_SIDE:
+            raise ValueError(
+                f"PriorConfig.grid {list(self.grid)} exceeds the limit of {MAX_GRID_SIDE} tokens per "
+                f"side (MAX_GRID_SIDE); use a grid of at most {MAX_GRID_SIDE}x{MAX_GRID_SIDE} (a "
+                "prior samples other sizes too, this is only the trained grid)"
+            )
         if not _is_int(self.num_classes) or self.num_classes < 0:
             raise ValueError(
                 f"PriorConfig.num_classes must be an integer >= 0 (0 = unconditional), "
@@ -189,6 +204,12 @@ class PriorConfig:
             raise ValueError(f"PriorConfig.rotary_base must be a number > 1, got "
                              f"{self.rotary_base!r}")
         _validate_depth(self.depth, "depth")
+        if self.levels > MAX_LEVELS or self.num_blocks > MAX_BLOCKS:
+            raise ValueError(
+                f"PriorConfig.depth {self.depth!r} has {self.num_blocks} blocks in {self.levels} "
+                f"levels; the limits are {MAX_BLOCKS} blocks (MAX_BLOCKS) and {MAX_LEVELS} levels "
+                "(MAX_LEVELS) — use a smaller depth"
+            )
 
     # ---- derived quantities ----------------------------------------------------------------
 
@@ -245,6 +266,9 @@ def _tupleize_depth(depth: Any) -> Any:
 def _validate_depth(depth: Any, where: str) -> None:
     hint = ("use an int (flat transformer) or (pre, inner, post) with pre/post >= 0 and inner "
             "an int >= 1 or another (pre, inner, post), e.g. (2, 10, 2) or (2, (2, 8, 2), 2)")
+    if where.count("[") >= MAX_LEVELS:
+        raise ValueError(f"PriorConfig.{where}: depth nests more than {MAX_LEVELS} levels "
+                         f"(MAX_LEVELS); {hint}")
     if _is_int(depth):
         if depth < 1:
             raise ValueError(f"PriorConfig.{where} must be >= 1 blocks, got {depth}; {hint}")
@@ -522,7 +546,12 @@ def load_prior(source: str | os.PathLike) -> SundaePrior:
     """Load a native prior file, or ``hf://owner/repo/path/file.safetensors`` through the
     Hugging Face cache (``HF_HUB_OFFLINE=1`` works for cached files). Strict: missing or
     unexpected weights raise ``ValueError`` naming them. Returns the model in eval mode, fp32,
-    on the CPU, with the file's header in ``prior.metadata``."""
+    on the CPU, with the file's header in ``prior.metadata``.
+
+    The config and the tensor shapes are checked from the file's header (the model built on the
+    meta device) before any weight is read or allocated: a config that disagrees with its
+    tensors, or one beyond the limits (``MAX_GRID_SIDE``, ``MAX_BLOCKS``, ``MAX_LEVELS``,
+    ``_helpers.MAX_PARAMETERS``), is refused at no memory cost."""
     if is_hf_source(source):
         repo_id, filename = parse_hf_source(str(source))
         if not filename:
@@ -531,11 +560,16 @@ def load_prior(source: str | os.PathLike) -> SundaePrior:
         path = hf_download(repo_id, filename, source=str(source))
     else:
         path = resolve_local(source, what="load_prior")
-    config_dict, state_dict, meta = load_native(path, expected_type=MODEL_TYPE)
-    config = config_from_dict(PriorConfig, config_dict, what=f"{str(path)!r} config")
+    config_dict, meta = read_native_header(path, expected_type=MODEL_TYPE)
+    try:
+        config = config_from_dict(PriorConfig, config_dict, what=f"{str(path)!r} config")
+    except ValueError as exc:
+        raise ValueError(f"load_prior({str(path)!r}): the file's config is invalid: {exc}") from exc
+    what = f"load_prior({str(path)!r})"
+    check_weights_fit(lambda: SundaePrior(config), read_safetensors_shapes(path), what=what)
+    state_dict = load_safetensors(path)
     prior = SundaePrior(config)
-    load_state_dict_strict(prior, {k: v.float() for k, v in state_dict.items()},
-                           what=f"load_prior({str(path)!r})")
+    load_state_dict_strict(prior, {k: v.float() for k, v in state_dict.items()}, what=what)
     prior.metadata = dict(meta)
     logger.info("loaded SUNDAE prior %s (%.1fM parameters)", path, prior.num_parameters() / 1e6)
     return prior.float().eval()

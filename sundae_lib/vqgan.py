@@ -36,10 +36,13 @@ from einops import rearrange
 from torch import nn
 
 from ._helpers import (
+    check_weights_fit,
     config_from_dict,
     config_to_json,
-    load_native,
+    load_safetensors,
     load_state_dict_strict,
+    read_native_header,
+    read_safetensors_shapes,
     save_native,
 )
 from .pixel_codec import (
@@ -66,6 +69,10 @@ logger = logging.getLogger(__name__)
 MODEL_TYPE = "vqgan"
 PIXEL_RANGES = ("-1,1", "0,1")
 QUANTIZERS = ("vq", "gumbel")
+# Config limits, far above any published VQ-GAN (taming: 5 levels, 2 blocks): a file beyond
+# them is refused when read; the parameter count is bounded by _helpers.MAX_PARAMETERS.
+MAX_LEVELS = 10  # len(ch_mult): downsample factor up to 512
+MAX_RES_BLOCKS = 32  # num_res_blocks per level
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +142,12 @@ class VQGANConfig:
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(
                 f"VQGANConfig.ch_mult must be a non-empty list of integers, got {self.ch_mult!r}"
+            )
+        if len(self.ch_mult) > MAX_LEVELS or self.num_res_blocks > MAX_RES_BLOCKS:
+            raise ValueError(
+                f"VQGANConfig: {len(self.ch_mult)} levels (ch_mult) of {self.num_res_blocks} blocks "
+                f"(num_res_blocks) exceed the limits of {MAX_LEVELS} levels (MAX_LEVELS) and "
+                f"{MAX_RES_BLOCKS} blocks (MAX_RES_BLOCKS); the config is wrong — check the file"
             )
         for m in self.ch_mult:
             if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -601,12 +614,20 @@ def save_vqgan(
 
 def load_vqgan_native(path: str | os.PathLike) -> VQGAN:
     """Read a native VQ-GAN file (``save_vqgan``) strictly: missing / unexpected keys and shape
-    mismatches raise ``ValueError`` naming them. Returns the model in eval mode on the CPU."""
+    mismatches raise ``ValueError`` naming them. Returns the model in eval mode on the CPU.
+
+    Config and tensor shapes are compared from the header (model built on the meta device)
+    before any weight is read or allocated."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"VQ-GAN file {str(path)!r} does not exist")
-    config_dict, state_dict, _ = load_native(path, expected_type=MODEL_TYPE)
-    config = config_from_dict(VQGANConfig, config_dict, what=f"VQ-GAN config in {str(path)!r}")
+    config_dict, _ = read_native_header(path, expected_type=MODEL_TYPE)
+    try:
+        config = config_from_dict(VQGANConfig, config_dict, what=f"VQ-GAN config in {str(path)!r}")
+    except ValueError as exc:
+        raise ValueError(f"VQ-GAN {str(path)!r}: the file's config is invalid: {exc}") from exc
+    what = f"VQ-GAN {str(path)!r}"
+    check_weights_fit(lambda: VQGAN(config), read_safetensors_shapes(path), what=what)
     model = VQGAN(config)
-    load_state_dict_strict(model, state_dict, what=f"VQ-GAN {str(path)!r}")
+    load_state_dict_strict(model, load_safetensors(path), what=what)
     return model.eval()

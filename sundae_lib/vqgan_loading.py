@@ -23,15 +23,21 @@ copies such as Meissonic's), whose pipelines feed images in [0, 1]; everything e
 
 Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)`` with a scoped
 allow-list of inert stand-ins. Loading is strict within the kept families.
+
+Memory: every path first runs on the tensors' *declared* shapes (a safetensors header, or a zip
+checkpoint unpickled onto the meta device) and builds the model on the meta device, so a file
+whose config disagrees with its tensors, or that describes an absurd model, is refused before any
+weight is read, inflated or allocated. Only then are the tensors read and the model built.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +45,15 @@ import torch
 
 from ._helpers import (
     META_MODEL_TYPE,
+    check_weights_fit,
     is_hf_source,
     load_safetensors,
     load_state_dict_strict,
     read_safetensors_metadata,
+    read_safetensors_shapes,
+    safetensors_dtype,
 )
-from .safe_pickle import safe_torch_load
+from .safe_pickle import is_zip_checkpoint, safe_torch_load
 from .vqgan import VQGAN, VQGANConfig, load_vqgan_native
 from .vqgan_formats import (
     DIFFUSERS_WEIGHTS,
@@ -63,6 +72,19 @@ from .vqgan_formats import (
 __all__ = ["load_vqgan", "diffusers_to_taming", "infer_vqgan_config"]
 
 logger = logging.getLogger(__name__)
+
+# True while a load runs on declared shapes only (meta tensors): _build checks and returns None
+_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("sundae_vqgan_shapes_only", default=False)
+
+
+class _QuietWhileCheckingShapes(logging.Filter):
+    """The shape-only pass repeats what the real pass logs; keep the log to one copy."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _SHAPES_ONLY.get()
+
+
+logger.addFilter(_QuietWhileCheckingShapes())
 
 KEEP_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 # EMA statistics of taming's EMAVectorQuantizer and VQ-Diffusion's quantizer: training state
@@ -113,14 +135,16 @@ def _load_path(path: Path, config: Any) -> VQGAN:
     if suffix in SAFETENSORS_SUFFIXES:
         if META_MODEL_TYPE in read_safetensors_metadata(path):
             return _load_native(path, config)
-        return _from_state_dict(
-            load_safetensors(path), path, config, fmt="safetensors without sundae metadata"
-        )
+        fmt = "safetensors without sundae metadata"
+        _check_shapes_first(lambda sd: _from_state_dict(sd, path, config, fmt=fmt), _header_tensors(path))
+        return _from_state_dict(load_safetensors(path), path, config, fmt=fmt)
     if suffix in PICKLE_SUFFIXES:
+        fmt = f"PyTorch {suffix} checkpoint"
+        if is_zip_checkpoint(path):  # the pickle alone gives every shape: check before inflating records
+            meta = safe_torch_load(path, what="load_vqgan", map_location="meta")
+            _check_shapes_first(lambda sd: _from_state_dict(sd, path, config, fmt=fmt), _unwrap_container(meta, path))
         obj = safe_torch_load(path, what="load_vqgan")
-        return _from_state_dict(
-            _unwrap_container(obj, path), path, config, fmt=f"PyTorch {suffix} checkpoint"
-        )
+        return _from_state_dict(_unwrap_container(obj, path), path, config, fmt=fmt)
     if suffix == ".msgpack":
         raise ValueError(flax_message(path))
     if suffix in (".yaml", ".yml", ".json"):
@@ -163,10 +187,34 @@ def _resolve_config(user: Any, fields: dict[str, Any], origin: str) -> VQGANConf
     return VQGANConfig.from_dict(fields)
 
 
-def _build(config: VQGANConfig, state_dict: Mapping[str, torch.Tensor], origin: str) -> VQGAN:
+def _build(config: VQGANConfig, state_dict: Mapping[str, torch.Tensor], origin: str) -> VQGAN | None:
+    """The model with ``state_dict`` loaded strictly; config and shapes are checked on the meta
+    device first (nothing allocated when they disagree). In the shape-only pass: None."""
+    what = f"load_vqgan: {origin}"
+    check_weights_fit(lambda: VQGAN(config), state_dict, what=what)
+    if _SHAPES_ONLY.get():
+        return None
     model = VQGAN(config)
-    load_state_dict_strict(model, state_dict, what=f"load_vqgan: {origin}")
+    load_state_dict_strict(model, state_dict, what=what)
     return model
+
+
+def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors with the shapes and dtypes a ``.safetensors`` header declares (no data read)."""
+    return {
+        k: torch.empty(shape, dtype=safetensors_dtype(dtype), device="meta")
+        for k, (shape, dtype) in read_safetensors_shapes(path).items()
+    }
+
+
+def _check_shapes_first(load: Callable[[Mapping[str, Any]], Any], declared: Mapping[str, Any]) -> None:
+    """Run a load on the declared (meta) tensors: every check, config inference and the meta
+    build happen, nothing is allocated; a problem raises the same error the real load would."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        load(declared)
+    finally:
+        _SHAPES_ONLY.reset(token)
 
 
 def _load_native(path: Path, config: Any) -> VQGAN:
@@ -572,11 +620,23 @@ def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
             f"one of {list(DIFFUSERS_WEIGHTS)} — download the weights too"
         )
     fmt = f"diffusers VQModel {weights.name}"
+    if weights.suffix == ".safetensors":
+        shapes = _header_tensors(weights)
+    elif is_zip_checkpoint(weights):
+        shapes = _unwrap_container(safe_torch_load(weights, map_location="meta"), weights)
+    else:  # legacy pickle: its storages are bounded by the file size (safe_torch_load)
+        shapes = None
+    if shapes is not None:
+        _check_shapes_first(lambda sd: _diffusers_from_state_dict(sd, weights, data, cfg_path, config, fmt), shapes)
     sd = (
         load_safetensors(weights)
         if weights.suffix == ".safetensors"
         else _unwrap_container(safe_torch_load(weights), weights)
     )
+    return _diffusers_from_state_dict(sd, weights, data, cfg_path, config, fmt)
+
+
+def _diffusers_from_state_dict(sd, weights: Path, data: dict, cfg_path: Path, config: Any, fmt: str) -> VQGAN | None:
     origin = repr(str(weights))
     if not sd:
         raise ValueError(

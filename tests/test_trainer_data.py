@@ -8,6 +8,7 @@ import pytest
 import torch
 from comfyui_sundae.trainer.config import DataConfig
 from comfyui_sundae.trainer.data import BatchOrder, make_split, open_images, sort_class_names
+from comfyui_sundae.trainer.sample_cmd import _load_image
 from PIL import Image
 
 
@@ -44,6 +45,24 @@ def test_folder_labels_from_first_level_numeric_order(tmp_path):
     # the pixel values map exactly: uint8 v -> v / 127.5 - 1
     ref = np.asarray(Image.open(ds.files[0]).convert("RGB"), dtype=np.float32) / 127.5 - 1
     assert torch.allclose(x, torch.from_numpy(ref).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path, channels):
+    # a 16-bit ramp: Pillow's convert("L") would clip everything above 255 to white
+    ramp = (np.arange(64 * 64, dtype=np.int64) * 65535 // (64 * 64 - 1)).astype(np.uint16).reshape(64, 64)
+    root = tmp_path / "grey16"
+    root.mkdir()
+    Image.fromarray(ramp).save(root / "ramp.png")
+    assert Image.open(root / "ramp.png").mode.startswith("I")
+    ds = open_images(DataConfig(path=str(root), channels=channels))
+    x, _ = ds[(0, 0)]
+    expected = torch.from_numpy(((ramp.astype(np.int64) + 128) // 257).astype(np.float32)) / 127.5 - 1
+    assert x.shape == (channels, 64, 64)
+    assert torch.equal(x[0], expected) and torch.equal(x[-1], expected)
+    assert float((x == 1.0).float().mean()) < 0.01  # only the top of the ramp is white
+    # the CLI's --image reads it the same way
+    assert torch.equal(_load_image(str(root / "ramp.png"), 1, 0)[0, 0], expected)
 
 
 def test_unlabelled_and_empty_folders(tmp_path):

@@ -17,6 +17,7 @@ import os
 import pathlib
 import pickle
 import subprocess
+import threading
 import types
 
 import pytest
@@ -226,6 +227,50 @@ def test_safe_torch_load_plain_weights(tmp_path):
     assert torch.equal(loaded["a"], weights["a"]) and torch.equal(
         loaded["b"]["c"], weights["b"]["c"]
     )
+
+
+def test_allow_list_is_scoped_to_the_load(tmp_path, monkeypatch):
+    """While safe_torch_load stands in for a global, a plain weights-only torch.load running at
+    that very moment (same thread or another) still refuses the global: nothing process-wide."""
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hparams": pathlib.PosixPath("/data")}, tmp_path / "a.ckpt")
+    torch.save({"path": pathlib.PosixPath("/x")}, tmp_path / "plain.pt")
+    outcomes = []
+
+    def plain_load():
+        try:
+            torch.load(tmp_path / "plain.pt", weights_only=True)
+            outcomes.append("accepted")
+        except pickle.UnpicklingError as exc:
+            outcomes.append("refused" if "pathlib.PosixPath" in str(exc) else str(exc))
+
+    def during_load(self, *args, **kwargs):  # runs while our load unpickles the stand-in
+        plain_load()
+        other = threading.Thread(target=plain_load)
+        other.start()
+        other.join()
+
+    monkeypatch.setattr(InertStandIn, "__init__", during_load)
+    before = set(map(str, torch.serialization.get_safe_globals()))
+    obj = safe_torch_load(tmp_path / "a.ckpt")
+    assert isinstance(obj["hparams"], InertStandIn) and torch.equal(obj["state_dict"]["w"], torch.ones(2))
+    assert outcomes == ["refused", "refused"]
+    assert set(map(str, torch.serialization.get_safe_globals())) == before
+
+
+def test_forced_weights_only_env_still_loads(tmp_path, monkeypatch):
+    # TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch refuse a pickle_module: the locked fallback works
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"w": torch.arange(3.0), "hp": pathlib.PosixPath("/d")}, tmp_path / "a.ckpt")
+    obj = safe_torch_load(tmp_path / "a.ckpt")
+    assert torch.equal(obj["w"], torch.arange(3.0)) and isinstance(obj["hp"], InertStandIn)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_archive_is_refused_not_run(tmp_path):
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "scripted.pt"))
+    with pytest.raises(ValueError, match="TorchScript archive.*state_dict"):
+        safe_torch_load(tmp_path / "scripted.pt")
 
 
 # ---------------------------------------------------------------------------------------------

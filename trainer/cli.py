@@ -342,7 +342,8 @@ def sampling_options(fn):
         click.option("--class", "-k", "klass", metavar="ID|NAME|null",
                      help="Class (id or label name; 'null' = unconditional). Default: cycle through classes."),
         click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale (1 = off)."),
-        click.option("--batch-size", "-b", type=int, default=16, show_default=True, help="Images per sampler call."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Images per sampler call."),
         click.option("--device", default="auto", show_default=True),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True,
@@ -363,7 +364,7 @@ Examples:
       -n 64 --steps 100 -t 1.0,0.7 -p 0.5 --out samples/ --device cuda
 """)
 @sampling_options
-@click.option("--num", "-n", type=int, default=16, show_default=True, help="Number of images.")
+@click.option("--num", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
 @click.option("--grid", "grid_size", metavar="HxW", help="Token grid (default: the trained grid).")
 @click.option("--out", "-o", default="sundae-samples.png", show_default=True,
               help="A .png path (one grid) or a folder (one PNG per image).")
@@ -396,7 +397,7 @@ Examples:
 @click.option("--resize", type=int, default=0, help="Resize (shorter side) + centre-crop the image to N px first.")
 @click.option("--composite/--no-composite", default=True, show_default=True,
               help="Paste the original pixels back outside the mask.")
-@click.option("--num", "-n", type=int, default=4, show_default=True, help="Inpaintings to make.")
+@click.option("--num", "-n", type=click.IntRange(min=1), default=4, show_default=True, help="Inpaintings to make.")
 @click.option("--out", "-o", default="sundae-inpaint.png", show_default=True,
               help="A .png path (grid: original, mask, results) or a folder.")
 def inpaint(image, mask, box, rule, grow, resize, composite, num, out, **kw) -> None:

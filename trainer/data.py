@@ -44,6 +44,22 @@ def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index & 0xFFFFFFFF])
 
 
+# integer grey modes Pillow's convert("L") clips at 255 instead of scaling (16-bit PNGs open as
+# "I;16"; older Pillows and 32-bit TIFFs give "I", read here as 16-bit values too)
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_8bit(img):
+    """A PIL image with 8-bit channels: 16-bit grey (``I;16`` / ``I``) is scaled by 255/65535
+    (rounded) to mode ``L``; every other mode is returned as is for ``convert`` to handle."""
+    from PIL import Image
+
+    if img.mode not in _WIDE_GREY_MODES:
+        return img
+    arr = np.asarray(img).astype(np.int64)
+    return Image.fromarray(((np.clip(arr, 0, 65535) + 128) // 257).astype(np.uint8))  # mode L
+
+
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 [H, W] or [H, W, C] -> float [C, H, W] in [-1, 1]."""
     if arr.ndim == 2:
@@ -89,7 +105,7 @@ class ImageDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img)
-        img = img.convert("L" if self.channels == 1 else "RGB")
+        img = to_8bit(img).convert("L" if self.channels == 1 else "RGB")
         rng = _item_rng(self.seed, epoch, index) if (cfg.flip or cfg.crop == "random") else None
         res = cfg.resolution
         if res:

@@ -117,6 +117,35 @@ def _schedule(text: str | None, default: Any) -> Any:
     return tuple(values)
 
 
+def label_names(meta: dict | None, num_classes: int) -> dict[str, int]:
+    """``{name: class id}`` from a prior's ``sundae.label_map`` metadata: a JSON list of names
+    (what the trainer writes), or a dict ``{"0": "cat"}`` (id -> name) or ``{"cat": 0}`` (name ->
+    id). Anything else is ignored with a warning: names are a convenience, ids always work."""
+    raw = (meta or {}).get("sundae.label_map") or ""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    names: dict[str, int] = {}
+    if isinstance(value, list):
+        names = {str(name): i for i, name in enumerate(value)}
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, int) and not isinstance(item, bool):
+                names[str(key)] = item
+            elif str(key).lstrip("-").isdigit():
+                names[str(item)] = int(key)
+            else:
+                names = {}
+                break
+    if not names and value not in (None, [], {}):
+        logger.warning("the prior's sundae.label_map %.80r is neither a list of names nor a dict of "
+                       "names and ids; use class ids 0..%d", raw, num_classes - 1)
+    return {k: v for k, v in names.items() if 0 <= v < num_classes}
+
+
 def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
     num = int(prior.num_classes)
     if not num:
@@ -127,13 +156,13 @@ def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
         return torch.arange(n) % num
     if klass in ("null", "none", "-1"):
         return torch.full((n,), -1, dtype=torch.long)
-    names = json.loads((prior.metadata or {}).get("sundae.label_map", "null") or "null") or []
+    names = label_names(prior.metadata, num)
     if klass in names:
-        return torch.full((n,), names.index(klass), dtype=torch.long)
+        return torch.full((n,), names[klass], dtype=torch.long)
     try:
         k = int(klass)
     except ValueError:
-        raise ValueError(f"--class {klass!r}: not a class id (0..{num - 1}) or name {names[:10]}") from None
+        raise ValueError(f"--class {klass!r}: not a class id (0..{num - 1}) or name {list(names)[:10]}") from None
     if not 0 <= k < num:
         raise ValueError(f"--class {k}: this prior has classes 0..{num - 1} (or 'null')")
     return torch.full((n,), k, dtype=torch.long)
@@ -216,12 +245,28 @@ def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, step
     return _write(x, out, nrow=nrow)
 
 
+def _open_image(path: str, option: str):
+    """A PIL image loaded into memory, or a ``ValueError`` naming the option and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{option} {str(path)!r} is not an image that can be read ({type(exc).__name__}: {exc}); "
+            "give a PNG, JPEG, WebP or another format Pillow reads"
+        ) from None
+
+
 def _load_image(path: str, channels: int, resize: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
-        img = im.convert("L" if channels == 1 else "RGB")
+    from .data import to_8bit
+
+    img = to_8bit(_open_image(path, "--image")).convert("L" if channels == 1 else "RGB")
     if resize:
         w, h = img.size
         s = resize / min(w, h)
@@ -238,7 +283,6 @@ def _load_image(path: str, channels: int, resize: int) -> torch.Tensor:
 def _pixel_mask(mask: str | None, box: str | None, size: tuple[int, int]) -> torch.Tensor:
     """Float [H, W] in 0..1, 1 = regenerate."""
     import numpy as np
-    from PIL import Image
 
     h, w = size
     if box:
@@ -246,13 +290,18 @@ def _pixel_mask(mask: str | None, box: str | None, size: tuple[int, int]) -> tor
             x, y, bw, bh = (int(v) for v in box.split(","))
         except ValueError:
             raise ValueError(f"--box {box!r}: expected X,Y,W,H in pixels, e.g. 0,14,28,14") from None
-        if bw < 1 or bh < 1 or x < 0 or y < 0 or x >= w or y >= h:
-            raise ValueError(f"--box {box!r} lies outside the {w}x{h} image or is empty")
+        if bw < 1 or bh < 1 or x < 0 or y < 0 or x + bw > w or y + bh > h:
+            raise ValueError(
+                f"--box {box!r} (pixels x {x}..{x + bw - 1}, y {y}..{y + bh - 1}) does not lie inside "
+                f"the {w}x{h} image (after --resize): X, Y >= 0, W, H >= 1, X+W <= {w} and Y+H <= {h}; "
+                "shrink the box or use --mask"
+            )
         m = torch.zeros(h, w)
         m[y : y + bh, x : x + bw] = 1.0
         return m
-    with Image.open(mask) as im:
-        arr = np.asarray(im.convert("L"))
+    from .data import to_8bit
+
+    arr = np.asarray(to_8bit(_open_image(mask, "--mask")).convert("L"))
     m = torch.from_numpy(arr.astype(np.float32) / 255.0)
     if tuple(m.shape) != (h, w):
         from ..sundae_lib.masks import resize_mask
@@ -268,6 +317,8 @@ def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, mo
     from ..sundae_lib import PixelCodec, sample
     from ..sundae_lib.masks import grow_token_mask, token_mask_from_pixels
 
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
     prior, codec, dev, defaults = _setup(model, vqgan, device, precision)
     x = _load_image(image, int(codec.in_channels), resize).to(dev)
     H, W = x.shape[-2:]
