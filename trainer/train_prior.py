@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import CONFIG, EMA, MODEL, STATE, CheckpointManager
+from .checkpoint import (
+    CONFIG,
+    EMA,
+    MODEL,
+    STATE,
+    CheckpointManager,
+    disk_full_as_one_line,
+    read_checkpoint_files,
+)
 from .config import (
     ConfigError,
     TrainPriorConfig,
@@ -254,9 +262,13 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     ckpts = CheckpointManager(out / "checkpoints", keep_last=run.keep_last, keep_best=run.keep_best, enabled=info.is_main)
     start = 0
     best = None
-    resume_from = dist.broadcast_object(ckpts.resolve_resume(resume) if info.is_main else None)
+    # rank 0 picks (and reads) the newest intact checkpoint; the others read the one it picked
+    found = ckpts.open_resume(resume, read_checkpoint_files) if info.is_main else None
+    resume_from = dist.broadcast_object(str(found[0]) if found is not None else None)
     if resume_from is not None:
-        start, best = _load_checkpoint(Path(resume_from), prior, ema, optimizer, schedule, scaler, order, generators, info)
+        files = found[1] if found is not None else read_checkpoint_files(Path(resume_from))
+        start, best = _load_checkpoint(Path(resume_from), files, prior, ema, optimizer, schedule, scaler, order,
+                                       generators, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
@@ -366,7 +378,8 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     if stopped is None and info.is_main:
         export = out / run.export
         final_model = ema.module if ema is not None else prior
-        save_prior(final_model, export, metadata={**meta, "sundae.train_step": str(step)})
+        with disk_full_as_one_line(f"the final model {export.name}", out):
+            save_prior(final_model, export, metadata={**meta, "sundae.train_step": str(step)})
         logger.info("saved the final prior (%s weights) to %s", "EMA" if ema is not None else "raw", export)
     dist.barrier()
     return {
@@ -393,14 +406,14 @@ def _to_tokens(x: torch.Tensor, y: torch.Tensor, data: PriorData, prior_cfg, dev
     return tokens, labels
 
 
-def _load_checkpoint(folder, prior, ema, optimizer, schedule, scaler, order, generators, info) -> tuple[int, Any]:
-    from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
+def _load_checkpoint(folder, files, prior, ema, optimizer, schedule, scaler, order, generators, info) -> tuple[int, Any]:
+    from ..sundae_lib._helpers import load_state_dict_strict
 
+    weights, state = files
     load_state_dict_strict(
-        prior, load_safetensors(folder / MODEL),
+        prior, weights,
         what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
     )
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
