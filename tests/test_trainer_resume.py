@@ -183,9 +183,28 @@ def test_step_tail_orders_eval_preview_checkpoint_and_tracks_the_best():
         ("eval", 2),
         ("eval", 3), ("save", 3, 0.7),             # checkpoint step: evaluated for keep_best
         ("eval", 4), ("preview", 4),
-        ("eval", 6), ("preview", 6), ("save", 6, 0.4),  # last step: preview + checkpoint
+        ("eval", 6), ("save", 6, 0.4), ("preview", 6),  # last step: checkpoint, then preview
     ]
     assert tail.best == (4, 0.3)  # lowest score, starting from the restored (0, 0.6)
+
+
+def test_step_tail_saves_before_a_preview_that_fails_and_goes_on(caplog):
+    from types import SimpleNamespace
+
+    from comfyui_sundae.trainer.runtime import StepTail
+
+    run = SimpleNamespace(max_steps=4, eval_every=0, checkpoint_every=2, sample_every=2, keep_best=False)
+    saved = []
+
+    def preview(step):
+        raise ValueError(f"cannot preview step {step}")
+
+    tail = StepTail(run, SimpleNamespace(is_main=True), has_eval=False, evaluate=None, preview=preview,
+                    save=lambda step, score: saved.append(step))
+    quiet = SimpleNamespace(requested=False)
+    assert [tail(step, quiet) for step in range(1, 5)] == [False] * 4
+    assert saved == [2, 4]  # every checkpoint written although every preview failed
+    assert "preview at step 2 failed (ValueError: cannot preview step 2); training goes on" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,3 +362,27 @@ def test_a_full_disk_in_the_cli_is_one_error_line(tmp_path, digits8, monkeypatch
                            f"{out / 'checkpoints'} ("), res.output
     assert "Traceback" not in res.output
 
+
+def test_guidance_on_unlabelled_data_is_refused_before_step_1(tmp_path, digits8):
+    """The mnist-pixels preset (cfg 3) on an unlabelled folder used to fail at every preview."""
+    from comfyui_sundae.trainer.config import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"sampling\.cfg_scale = 3\.0 .*has no labels.*--set sampling\.cfg_scale=1"):
+        _train(out, digits8, 4, 2, ["data.labels=false", "sampling.cfg_scale=3.0"], resume="never")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_failing_preview_is_logged_and_training_goes_on(tmp_path, digits8, monkeypatch, caplog):
+    from comfyui_sundae.trainer import train_prior as train_prior_module
+
+    def broken(model, data, cfg, path, device):
+        raise RuntimeError("the preview broke")
+
+    monkeypatch.setattr(train_prior_module, "_preview", broken)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        result = _train(out, digits8, 4, 2, ["run.checkpoint_every=0"], resume="never")
+    assert result["step"] == 4 and result["export"]
+    assert "preview at step 2 failed (RuntimeError: the preview broke); training goes on" in caplog.text
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000004"]

@@ -162,6 +162,24 @@ def resolve_prior_config(model: dict[str, Any], data: PriorData):
         raise ConfigError(f"[model]: {exc}") from exc
 
 
+def check_sampling(cfg: TrainPriorConfig, prior_cfg, data: PriorData) -> None:
+    """The [sampling] settings (previews, and the defaults recorded in the exported prior) must
+    suit the prior this run trains: checked before step 1, not at the first preview."""
+    cfg_scale = cfg.sampling.cfg_scale
+    if cfg_scale == 1.0 or (prior_cfg.num_classes > 0 and prior_cfg.null_class):
+        return
+    if data.num_classes == 0:
+        why = f"data.path {cfg.data.path!r} has no labels, so the prior is unconditional"
+    elif prior_cfg.num_classes == 0:
+        why = "model.num_classes = 0 trains an unconditional prior"
+    else:
+        why = "model.null_class = false leaves no null class to guide against"
+    raise ConfigError(
+        f"sampling.cfg_scale = {cfg_scale} (classifier-free guidance) needs a class-conditional prior "
+        f"with a null class, but {why}; set --set sampling.cfg_scale=1"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # the objective as one module (what DDP wraps)
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +242,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     out = Path(run.out_dir)
     data = open_prior_data(cfg)
     prior_cfg = resolve_prior_config(cfg.model, data)
+    check_sampling(cfg, prior_cfg, data)
     resolved = config_to_dict(cfg)
     resolved["model"] = dataclasses.asdict(prior_cfg)
     split = make_split(data.dataset.group_ids(), cfg.data)
