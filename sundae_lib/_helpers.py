@@ -285,3 +285,26 @@ def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """The sha256 a prior records for its VQ-GAN: of the file, or for a folder (diffusers
+    ``VQModel``) over its files' relative paths and hashes. Cached per path, size and mtime, so
+    a large VQ-GAN is hashed once per process."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _SHA_CACHE:
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
+            _SHA_CACHE[key] = h.hexdigest()
+        else:
+            _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]

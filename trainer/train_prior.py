@@ -86,6 +86,7 @@ class PriorData:
 
 def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
     from ..sundae_lib import PixelCodec, load_vqgan
+    from ..sundae_lib.codec_spec import CodecSpec
 
     path = resolve_input_path(cfg.data.path, what="data.path")
     kind = detect_kind(path) if cfg.data.kind == "auto" else cfg.data.kind
@@ -95,8 +96,9 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         ds = LatentTokens(path, cfg.data)
         vq = ds.manifest["vqgan"]
         source = cfg.codec.vqgan or vq["source"]
-        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']},factor={vq['downsample_factor']}",
-                "sundae.vqgan_file": vq["file"], **_portable_source(source)}
+        spec = CodecSpec(kind="vqgan", sha256=vq["sha256"], factor=int(vq["downsample_factor"]),
+                         channels=vq.get("config", {}).get("in_channels"))
+        meta = {"sundae.codec": str(spec), "sundae.vqgan_file": vq["file"], **_portable_source(source)}
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
     h, w = ds.size
@@ -108,7 +110,7 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
             raise ConfigError("codec.kind = 'vqgan' needs codec.vqgan = a VQ-GAN file to encode the images with")
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
-        meta = {"sundae.codec": f"vqgan:sha256={sha},factor={codec.downsample_factor}", "sundae.vqgan_file": name,
+        meta = {"sundae.codec": str(CodecSpec.of_codec(codec, sha256=sha)), "sundae.vqgan_file": name,
                 **_portable_source(cfg.codec.vqgan)}
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
