@@ -13,6 +13,7 @@ import logging
 import re
 
 from .. import sundae_lib
+from ..sundae_lib.codec_spec import CodecSpec
 from . import comfy_adapter as comfy
 from .types import PRIOR_TYPE, VQGAN_TYPE, CodecHandle, PriorHandle
 
@@ -108,26 +109,23 @@ class SundaeLoadVQGAN:
             path = comfy.resolve_model_path("vqgan", vqgan_name)
             model = sundae_lib.load_vqgan(str(path))
         model, device, dt = _place(model, dtype)
-        handle = CodecHandle(model=model, name=vqgan_name, device=device, dtype=dt)
+        handle = CodecHandle(model=model, name=vqgan_name, device=device, dtype=dt,
+                             source=None if pixel is not None else str(path))
         logger.info("SundaeLoadVQGAN: loaded %s on %s (%s)", handle.codec_id, device, dt)
         return (handle,)
 
 
-_FACTOR_RE = re.compile(r"(?:^|[,:;\s])(?:factor|f)=(\d+)")
-
-
 def factor_from_codec_metadata(codec: str | None) -> int | None:
     """The codec factor told by a prior's ``sundae.codec`` metadata: ``pixel:...`` -> 1,
-    ``vqgan:...,factor=4`` -> 4, unknown -> None."""
+    ``vqgan:...,factor=4`` -> 4, unknown or malformed -> None."""
     if not codec:
         return None
-    if codec.startswith("pixel"):
-        return 1
-    m = _FACTOR_RE.search(codec)
-    if m is None:
+    try:
+        factor = CodecSpec.parse(codec).factor
+    except ValueError as exc:
+        logger.warning("SundaeLoadPrior: unreadable codec metadata (%s); the codec factor is unknown", exc)
         return None
-    factor = int(m.group(1))
-    if factor < 1:
+    if factor is not None and factor < 1:
         logger.warning(
             "the prior's 'sundae.codec' metadata %r gives factor=%d, but a codec factor is >= 1; "
             "ignoring it (connect the VQ-GAN to the sampler to size images in pixels)", codec, factor,

@@ -8,6 +8,8 @@ import time
 import torch
 
 from .. import sundae_lib
+from ..sundae_lib._helpers import source_sha256
+from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
 from . import comfy_adapter as comfy
 from .codec_nodes import check_tokens_fit_codec
 from .convert import codec_to_image, image_to_pil, repeat_batch, tokens_on
@@ -124,12 +126,38 @@ def _check_strength(strength: float, tokens: TokenBatch | None) -> None:
 
 
 def _check_codebooks(prior: PriorHandle, vqgan: CodecHandle | None) -> None:
-    if vqgan is not None and prior.codebook_size != vqgan.codebook_size:
+    if vqgan is None:
+        return
+    if prior.codebook_size != vqgan.codebook_size:
         hint = f" (the prior's file says its codec is '{prior.codec}')" if prior.codec else ""
         raise ValueError(
             f"SundaeSampler: prior {prior.name!r} has {prior.codebook_size} codes but the VQ-GAN "
             f"{vqgan.name!r} has {vqgan.codebook_size} — load the VQ-GAN the prior was trained on{hint}"
         )
+    # same codebook size is not enough: factor / channels must match too (a fine-tuned VQ-GAN,
+    # another sha256, is only a warning)
+    spec = _codec_spec(prior)
+    sha = None
+    if spec is not None and spec.sha256 and vqgan.source:
+        try:
+            sha = source_sha256(vqgan.source)
+        except OSError:
+            sha = None
+    for warning in check_codec_pairing(spec, vqgan.model, prior_name=prior.name, codec_name=vqgan.name,
+                                       codec_sha256=sha, who="SundaeSampler"):
+        logger.warning(warning)
+
+
+def _codec_spec(prior: PriorHandle) -> CodecSpec | None:
+    meta = dict(getattr(prior.model, "metadata", None) or {})
+    if prior.codec:
+        meta["sundae.codec"] = prior.codec
+    try:
+        return CodecSpec.from_metadata(meta)
+    except ValueError as exc:
+        logger.warning("SundaeSampler: prior %r has unreadable codec metadata (%s); not checking the VQ-GAN",
+                       prior.name, exc)
+        return None
 
 
 def _check_tokens_fit_prior(tokens: TokenBatch, prior: PriorHandle) -> None:

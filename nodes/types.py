@@ -31,6 +31,7 @@ class CodecHandle:
     name: str  # the dropdown entry it was loaded from
     device: torch.device
     dtype: torch.dtype
+    source: str | None = None  # the VQ-GAN file or folder (None: a pixel codec); for its sha256
 
     @property
     def factor(self) -> int:

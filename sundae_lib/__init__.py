@@ -26,6 +26,9 @@ _EXPORTS = {
     "PixelCodec": "vqgan",
     "save_vqgan": "vqgan",
     "load_vqgan": "vqgan_loading",
+    # the codec a prior records, and whether a codec fits it
+    "CodecSpec": "codec_spec",
+    "check_codec_pairing": "codec_spec",
     # inpainting masks
     "token_mask_from_pixels": "masks",
     "resize_mask": "masks",

@@ -35,16 +35,35 @@ HF_PREFIX = "hf://"
 # --------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux
+    ``/proc/self/status``); elsewhere set-and-restore, which is not thread-safe but brief."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file atomically: ``write(tmp_path)`` fills a temporary file in the same folder,
     which is fsync'ed and renamed over ``path``. A crash leaves either the old file or the new
-    one, never a truncated file."""
+    one, never a truncated file. The file gets the mode a plain ``open()`` would give it
+    (``0o666`` less the umask: 0644 under umask 022), not ``mkstemp``'s private 0600, so a
+    ComfyUI running as another user can read what the trainer wrote."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        # after write(): a writer may have replaced the temporary file with a new one
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -441,3 +460,26 @@ def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """The sha256 a prior records for its VQ-GAN: of the file, or for a folder (diffusers
+    ``VQModel``) over its files' relative paths and hashes. Cached per path, size and mtime, so
+    a large VQ-GAN is hashed once per process."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _SHA_CACHE:
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
+            _SHA_CACHE[key] = h.hexdigest()
+        else:
+            _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]

@@ -52,7 +52,7 @@ from .prior import SundaePrior
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sample", "schedule"]
+__all__ = ["sample", "schedule", "schedule_value"]
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -63,9 +63,15 @@ def schedule(start: float, end: float, steps: int) -> list[float]:
     are exact."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"schedule: steps must be an int >= 1, got {steps!r}")
+    return [schedule_value(start, end, steps, i) for i in range(steps)]
+
+
+def schedule_value(start: float, end: float, steps: int, i: int) -> float:
+    """Value ``i`` (0-based) of :func:`schedule` ``(start, end, steps)``, computed alone with the
+    same arithmetic (bit-identical), so a sampler never materialises a ``steps``-long list."""
     if steps == 1:
-        return [float(start)]
-    return [float(start) + (float(end) - float(start)) * i / (steps - 1) for i in range(steps)]
+        return float(start)
+    return float(start) + (float(end) - float(start)) * i / (steps - 1)
 
 
 def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -366,9 +372,16 @@ def sample(
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
 
+    # variations run the last n_run steps of the steps-long schedules; values are computed per
+    # step (a 10**8-step request must not build 10**8-element lists before step 1)
     n_run = steps if strength == 1.0 else max(1, round(steps * strength))
-    temps = schedule(t_start, t_end, steps)[steps - n_run :]
-    props = schedule(p_start, p_end, steps)[steps - n_run :]
+    offset = steps - n_run
+
+    def temps(i: int) -> float:
+        return schedule_value(t_start, t_end, steps, offset + i)
+
+    def props(i: int) -> float:
+        return schedule_value(p_start, p_end, steps, offset + i)
 
     modes = _set_eval(prior)
     try:
@@ -383,6 +396,7 @@ def sample(
                 strength=strength,
                 labels=labels_t,
                 cfg_scale=cfg_scale,
+                total=n_run,
                 temps=temps,
                 props=props,
                 min_steps=min_steps if early_stop else None,
@@ -405,14 +419,16 @@ def _sample_loop(
     strength: float,
     labels: torch.Tensor | None,
     cfg_scale: float,
-    temps: list[float],
-    props: list[float],
+    total: int,
+    temps: Callable[[int], float],
+    props: Callable[[int], float],
     min_steps: int | None,
     generator: torch.Generator,
     callback: Callback | None,
 ) -> torch.Tensor:
-    """The step loop of ``sample`` (inputs already validated). ``min_steps=None`` disables
-    early stopping. Returns int64 ``shape`` = ``[b, h, w]``."""
+    """The step loop of ``sample`` (inputs already validated): ``total`` steps, ``temps(i)`` and
+    ``props(i)`` the temperature and update proportion of step ``i`` (0-based).
+    ``min_steps=None`` disables early stopping. Returns int64 ``shape`` = ``[b, h, w]``."""
     b = shape[0]
     # ---------------- start state ----------------
     if init is None or (strength == 1.0 and regen is None):
@@ -423,7 +439,6 @@ def _sample_loop(
         corrupted = corrupt_tokens(init, strength, k, generator)
         x = corrupted if regen is None else torch.where(regen, corrupted, init)
 
-    total = len(temps)
     active: torch.Tensor | None = None  # indices of unfrozen samples; None = all of them
     for i in range(total):
         if active is None:
@@ -433,11 +448,12 @@ def _sample_loop(
             la = None if labels is None else labels.index_select(0, active)
             ra = None if regen is None else regen.index_select(0, active)
         logits = _guided_logits(prior, xa, la, cfg_scale, k)
-        proposal = sample_categorical(logits, temps[i], generator, inplace=True)
+        proposal = sample_categorical(logits, temps(i), generator, inplace=True)
         del logits
         update = ra
-        if props[i] < 1.0:
-            keep_draw = uniform(tuple(xa.shape), generator, device) < props[i]
+        p_i = props(i)
+        if p_i < 1.0:
+            keep_draw = uniform(tuple(xa.shape), generator, device) < p_i
             update = keep_draw if ra is None else keep_draw & ra
         new = proposal if update is None else torch.where(update, proposal, xa)
 

@@ -478,3 +478,36 @@ def test_load_diffusers_vqmodel_folder(model_dirs):
     assert h.codebook_size == 24 and h.factor == 2
     tb = encode(h, torch.rand(1, 16, 16, 3))
     assert tb.grid == (8, 8) and int(tb.tokens.max()) < 24
+
+
+def test_codec_pairing_factor_mismatch_is_an_error_and_another_sha256_a_warning(model_dirs, caplog):
+    """Same codebook size is not enough (issue #13 item 2): a factor-2 VQ-GAN with a prior of a
+    factor-4 one used to sample and decode without a word."""
+    from comfyui_sundae.sundae_lib._helpers import file_sha256
+
+    small = dict(ch=8, z_channels=8, embed_dim=8, norm_groups=4)
+    vq4 = VQGAN(VQGANConfig.preset("mnist-f4", **small))
+    save_vqgan(vq4, model_dirs / "vqgan" / "vq4.safetensors")
+    save_vqgan(VQGAN(VQGANConfig.preset("tiny", n_embed=256, in_channels=1, out_ch=1)),
+               model_dirs / "vqgan" / "vq2.safetensors")
+    with torch.no_grad():
+        vq4.quantize.embedding.weight.add_(0.01)
+    save_vqgan(vq4, model_dirs / "vqgan" / "vq4-tuned.safetensors")
+    sha = file_sha256(model_dirs / "vqgan" / "vq4.safetensors")
+    save_prior(SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), **TINY)), model_dirs / "sundae" / "p.safetensors",
+               metadata={"sundae.codec": f"vqgan:sha256={sha},factor=4,channels=1", "sundae.vqgan_file": "vq4.safetensors"})
+    (prior,) = LoadPrior().load("p.safetensors", "fp32")
+    assert prior.factor == 4
+    vq2, vq4h, tuned = (LoadVQGAN().load(n, "fp32")[0] for n in ("vq2.safetensors", "vq4.safetensors", "vq4-tuned.safetensors"))
+    assert vq2.codebook_size == prior.codebook_size == 256
+    with pytest.raises(ValueError) as err:
+        run_sampler(prior, vqgan=vq2)
+    msg = str(err.value)
+    assert msg.startswith("SundaeSampler: prior 'p.safetensors' was trained on tokens of a factor-4 VQ-GAN (grey) "
+                          "'vq4.safetensors', but the codec 'vq2.safetensors' does not fit: its factor is 2")
+    assert msg.endswith("— load 'vq4.safetensors'")
+    with caplog.at_level("WARNING"):
+        assert run_sampler(prior, vqgan=vq4h).factor == 4
+        assert "not the file" not in caplog.text
+        assert run_sampler(prior, vqgan=tuned).grid == (7, 7)  # a fine-tuned VQ-GAN: allowed, with a warning
+    assert "SundaeSampler: the VQ-GAN 'vq4-tuned.safetensors' is not the file prior 'p.safetensors' was trained on" in caplog.text

@@ -732,3 +732,118 @@ def test_loss_class_dropout_errors():
         sundae_loss(ShiftPrior(num_classes=3), tokens, 1, class_dropout=1.5)
     with pytest.raises(ValueError, match="needs a prior with a null class"):
         sundae_loss(ShiftPrior(num_classes=3, null_class=False), tokens, 1, class_dropout=0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# schedules computed per step (issue #13 item 6): same tokens, no up-front lists
+# --------------------------------------------------------------------------------------------
+
+
+def _old_schedule_list(start, end, steps):
+    """The pre-#13 schedule: a whole list built before step 1 (kept here as the reference)."""
+    if steps == 1:
+        return [float(start)]
+    return [float(start) + (float(end) - float(start)) * i / (steps - 1) for i in range(steps)]
+
+
+class TokenTablePrior(FakePrior):
+    """Logits = a per-position table (dominant) + a table of the current token: the trajectory
+    depends on every draw, and samples converge (early stop) at different steps."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        g = torch.Generator().manual_seed(7)
+        k, (h, w) = self.codebook_size, self.config.grid
+        self.token_table = torch.randn(k, k, generator=g) * 0.3
+        self.pos_table = torch.randn(h, w, k, generator=g) * 4
+
+    def logits_fn(self, tokens, labels):
+        return self.token_table[tokens] + self.pos_table
+
+
+# tokens from the sampler as it was before schedules became per step (commit 8248235)
+SAVED_TOKENS = {
+    "schedules": [[[4, 8, 10, 6, 4, 0, 6], [11, 5, 9, 9, 3, 8, 2], [7, 5, 4, 0, 10, 8, 9], [9, 11, 11, 2, 10, 4, 0], [6, 11, 8, 4, 7, 2, 4]], [[4, 8, 10, 6, 3, 1, 6], [11, 5, 9, 9, 3, 8, 2], [4, 10, 5, 0, 10, 8, 9], [9, 10, 11, 2, 10, 4, 10], [6, 10, 7, 4, 1, 2, 4]], [[4, 8, 6, 3, 3, 1, 6], [11, 5, 9, 9, 2, 7, 10], [0, 0, 5, 0, 10, 8, 9], [9, 10, 11, 10, 9, 4, 0], [6, 10, 8, 4, 7, 2, 4]]],  # noqa: E501
+    "early_stop": [[[4, 8, 10, 6, 4, 0, 6], [11, 5, 9, 9, 3, 8, 10], [0, 5, 5, 0, 10, 8, 9], [9, 10, 11, 2, 10, 4, 0], [6, 10, 7, 4, 1, 2, 4]], [[4, 8, 6, 3, 4, 0, 6], [11, 5, 9, 9, 3, 8, 10], [0, 5, 5, 0, 10, 8, 9], [9, 10, 11, 2, 10, 4, 0], [6, 10, 7, 4, 7, 2, 4]], [[4, 8, 6, 6, 4, 0, 10], [11, 5, 9, 9, 3, 8, 10], [0, 5, 5, 0, 10, 8, 9], [9, 10, 11, 2, 10, 4, 0], [6, 10, 7, 4, 1, 2, 4]]],  # noqa: E501
+    "variation": [[[4, 8, 6, 6, 3, 4, 10], [11, 5, 9, 9, 2, 10, 2], [0, 5, 5, 0, 10, 8, 9], [9, 11, 11, 2, 10, 4, 0], [6, 10, 7, 4, 7, 2, 4]], [[4, 8, 6, 6, 4, 0, 10], [11, 5, 9, 9, 2, 8, 10], [0, 5, 5, 2, 10, 8, 9], [9, 10, 11, 2, 10, 4, 10], [6, 10, 7, 4, 1, 2, 4]]],  # noqa: E501
+}
+
+
+def _saved_cases():
+    init = torch.randint(0, 12, (2, 5, 7), generator=torch.Generator().manual_seed(3))
+    return {
+        "schedules": dict(batch_size=3, steps=9, temperature=(1.3, 0.7), update_proportion=(0.9, 0.3),
+                          early_stop=False),
+        "early_stop": dict(batch_size=3, steps=50, temperature=(0.5, 0.01), update_proportion=(1.0, 0.6),
+                           min_steps=3),
+        "variation": dict(init_tokens=init, steps=13, strength=0.37, temperature=(1.1, 0.6),
+                          update_proportion=(0.8, 0.5), early_stop=False),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(SAVED_TOKENS))
+def test_tokens_are_bit_identical_to_the_list_schedule_sampler(case):
+    prior = TokenTablePrior(k=12, grid=(5, 7))
+    tokens = sample(prior, generator=gen(11), **_saved_cases()[case])
+    assert tokens.tolist() == SAVED_TOKENS[case]
+    if case == "early_stop":  # the case really freezes samples and ends early
+        assert [c["tokens"].shape[0] for c in prior.calls][-6:] == [3, 2, 2, 2, 2, 2]
+        assert len(prior.calls) == 42
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "t", "p"),
+    [(1, 1.0, (0.8, 0.2), (1.0, 0.5)), (7, 1.0, (1.0, 0.7), (0.9, 0.1)), (10, 0.37, (1.3, 0.1), (1.0, 0.3)),
+     (13, 0.05, (2.0, 0.7), (0.7, 0.7)), (100, 0.61, (1.0, 0.7), (1.0, 0.45))],
+)
+def test_per_step_schedule_values_equal_the_old_lists_exactly(monkeypatch, steps, strength, t, p):
+    seen_t, seen_p = [], []
+    real_cat, real_uniform = sampler_mod.sample_categorical, sampler_mod.uniform
+    monkeypatch.setattr(sampler_mod, "sample_categorical",
+                        lambda lg, temp, g, **kw: seen_t.append(temp) or real_cat(lg, temp, g, **kw))
+
+    class Spy:  # `uniform(...) < p`: record the p each step compares with
+        def __init__(self, x):
+            self.x = x
+
+        def __lt__(self, prop):
+            seen_p.append(prop)
+            return self.x < prop
+
+    monkeypatch.setattr(sampler_mod, "uniform", lambda *a, **kw: Spy(real_uniform(*a, **kw)))
+    init = torch.zeros(1, 4, 4, dtype=torch.long)
+    sample(ShiftPrior(shift=1), init_tokens=init, strength=strength, steps=steps, temperature=t,
+           update_proportion=p, early_stop=False, generator=gen())
+    n_run = steps if strength == 1.0 else max(1, round(steps * strength))
+    want_t = _old_schedule_list(*t, steps)[steps - n_run:]
+    want_p = [v for v in _old_schedule_list(*p, steps)[steps - n_run:] if v < 1.0]
+    assert seen_t == want_t  # exact float equality, not approx
+    assert seen_p == want_p
+
+
+def test_huge_step_counts_allocate_nothing_up_front():
+    """steps=10**8 used to build two 10**8-float lists (8.6 GB, a minute) before step 1; now the
+    first step runs at once. With 5 * 10**4 steps, cancelled in the first step, the old lists
+    took ~4 MB of Python objects; the per-step schedule takes none."""
+    import tracemalloc
+
+    class Cancel(Exception):
+        pass
+
+    def stop(step, total, tokens):
+        assert total == 5 * 10**4
+        raise Cancel
+
+    prior = ShiftPrior(shift=1, k=16, grid=(4, 4))
+    kw = dict(temperature=(1.0, 0.5), update_proportion=(1.0, 0.5), generator=gen())
+    sample(prior, steps=3, **kw)  # warm-up: first-call allocations are not the schedules
+    prior.calls.clear()
+    tracemalloc.start()
+    try:
+        with pytest.raises(Cancel):
+            sample(prior, steps=5 * 10**4, callback=stop, **kw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(prior.calls) == 1
+    assert peak < 2**20, f"sample() allocated {peak / 2**20:.1f} MiB of Python objects for one step"

@@ -199,7 +199,8 @@ def test_vqgan_latents_prior_pipeline(tmp_path):
              "--set", "optim.batch_size=4", "--set", "sampling.steps=2", "--set", "sampling.num_samples=3",
              "--max-steps", "2", "--out", str(pr_out), *QUIET])
     meta = _meta(pr_out / "model.safetensors")
-    assert meta["sundae.codec"] == f"vqgan:sha256={file_sha256(vq_file)},factor=2" and meta["sundae.vqgan_file"] == "vq.safetensors"
+    assert meta["sundae.codec"] == f"vqgan:sha256={file_sha256(vq_file)},factor=2,channels=3"
+    assert meta["sundae.vqgan_file"] == "vq.safetensors"
     assert json.loads(meta["sundae.label_map"]) == ["0", "2", "10"]
     assert (pr_out / "samples" / "step-00000002.png").is_file()
     png = tmp_path / "from-latents.png"

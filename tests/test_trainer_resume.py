@@ -3,12 +3,16 @@ dies half-way never becomes the checkpoint auto-resume picks, SIGTERM saves then
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +183,206 @@ def test_step_tail_orders_eval_preview_checkpoint_and_tracks_the_best():
         ("eval", 2),
         ("eval", 3), ("save", 3, 0.7),             # checkpoint step: evaluated for keep_best
         ("eval", 4), ("preview", 4),
-        ("eval", 6), ("preview", 6), ("save", 6, 0.4),  # last step: preview + checkpoint
+        ("eval", 6), ("save", 6, 0.4), ("preview", 6),  # last step: checkpoint, then preview
     ]
     assert tail.best == (4, 0.3)  # lowest score, starting from the restored (0, 0.6)
+
+
+def test_step_tail_saves_before_a_preview_that_fails_and_goes_on(caplog):
+    from types import SimpleNamespace
+
+    from comfyui_sundae.trainer.runtime import StepTail
+
+    run = SimpleNamespace(max_steps=4, eval_every=0, checkpoint_every=2, sample_every=2, keep_best=False)
+    saved = []
+
+    def preview(step):
+        raise ValueError(f"cannot preview step {step}")
+
+    tail = StepTail(run, SimpleNamespace(is_main=True), has_eval=False, evaluate=None, preview=preview,
+                    save=lambda step, score: saved.append(step))
+    quiet = SimpleNamespace(requested=False)
+    assert [tail(step, quiet) for step in range(1, 5)] == [False] * 4
+    assert saved == [2, 4]  # every checkpoint written although every preview failed
+    assert "preview at step 2 failed (ValueError: cannot preview step 2); training goes on" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# damaged checkpoints, interrupted prunes, full disks, failing previews (issue #13)
+# --------------------------------------------------------------------------------------------
+
+
+def _train(out, data, steps, every, extra=(), resume="auto"):
+    cfg, _ = load_stage("prior", None, _overrides(data, out, steps, every, ["run.deterministic=false", *extra]))
+    return train_prior(cfg, resume=resume)
+
+
+def _flip_bytes_in_tensor(path: Path, key_part: str) -> str:
+    """Flip 4 bytes in the middle of one tensor of a .safetensors file (same size)."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__" and key_part in k)
+    start, end = header[key]["data_offsets"]
+    pos = 8 + n + (start + end) // 2
+    raw[pos : pos + 4] = bytes(b ^ 0xFF for b in raw[pos : pos + 4])
+    path.write_bytes(bytes(raw))
+    return key
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_on_resume(tmp_path, digits8, caplog):
+    out = tmp_path / "run"
+    _train(out, digits8, 4, 2)
+    ck = out / "checkpoints"
+    record = json.loads((ck / "step-00000004" / "checkpoint.json").read_text())
+    assert set(record["sha256"]) == set(record["files"]) and all(len(h) == 64 for h in record["sha256"].values())
+    assert _flip_bytes_in_tensor(ck / "step-00000004" / "model.safetensors", "token_emb") == "token_emb.weight"
+
+    # asked for by name: an error that names the folder and the file, nothing moved
+    with pytest.raises(ValueError, match=r"step-00000004.*model\.safetensors is damaged \(its sha256 differs"):
+        _train(out, digits8, 6, 2, resume=str(ck / "step-00000004"))
+    assert (ck / "step-00000004").is_dir()
+    # auto: a warning naming it, the folder moved aside, training resumes from step 2
+    with caplog.at_level(logging.WARNING):
+        result = _train(out, digits8, 6, 2)
+    assert "step-00000004: model.safetensors is damaged" in caplog.text
+    assert "moved it to step-00000004.damaged" in caplog.text
+    assert result["step"] == 6 and len(result["losses"]) == 4
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == [
+        "step-00000002", "step-00000004", "step-00000004.damaged", "step-00000006"]
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "torn-zip"])
+def test_an_unreadable_newest_state_falls_back_to_the_previous_checkpoint(tmp_path, digits8, caplog, damage):
+    """What an older version (no sha256 in the manifest) or a save on a full disk could leave:
+    the manifest matches the file, but torch cannot read it. Before: `Aborted!` (EOFError) or a
+    zip-reader traceback."""
+    out = tmp_path / "run"
+    _train(out, digits8, 4, 2)
+    folder = out / "checkpoints" / "step-00000004"
+    state = folder / "training_state.pt"
+    if damage == "zero-byte":
+        state.write_bytes(b"")
+    else:  # the zip's central directory (at the end) overwritten
+        raw = bytearray(state.read_bytes())
+        raw[-300:] = b"\0" * 300
+        state.write_bytes(bytes(raw))
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta["files"]["training_state.pt"] = state.stat().st_size
+    meta.pop("sha256", None)  # as written before sha256s were recorded
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+
+    sets = [x for o in _overrides(digits8, out, 6, 2, ["run.deterministic=false"]) for x in ("--set", o)]
+    with caplog.at_level(logging.WARNING):
+        res = CliRunner().invoke(main, ["prior", *sets])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "Aborted" not in res.output
+    assert f"checkpoint {folder} cannot be read" in caplog.text and "step-00000004.damaged" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 7))  # resumed after step 2: 3 and 4 trained again, no duplicates
+    assert torch.load(out / "checkpoints" / "step-00000006" / "training_state.pt", weights_only=True)["step"] == 6
+
+
+def test_resume_step_n_picks_a_checkpoint_explicitly(tmp_path, digits8):
+    out = tmp_path / "run"
+    _train(out, digits8, 4, 2)
+    again = _train(out, digits8, 4, 2, resume="step-2")  # step-4 is intact, step 2 was asked for
+    assert again["step"] == 4 and len(again["losses"]) == 2
+    with pytest.raises(FileNotFoundError, match=r"step-3: no folder step-00000003 .*step-00000002, step-00000004"):
+        _train(out, digits8, 4, 2, resume="step-3")
+    res = CliRunner().invoke(main, ["prior", "--help"])
+    assert "step-N" in res.output
+
+
+def _writers(n=10):
+    return {"model.safetensors": lambda p: Path(p).write_bytes(b"m" * n),
+            "training_state.pt": lambda p: Path(p).write_bytes(b"s" * n)}
+
+
+def test_a_prune_killed_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    manager = CheckpointManager(ck, keep_last=1)
+    manager.save(1, _writers(), meta={})
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the manifest goes first, then the process is killed
+        (Path(path) / "checkpoint.json").unlink()
+        raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, _writers(), meta={})  # its prune of step 1 dies half-way
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ck.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
+    assert manager.latest() == ck / "step-00000002"
+    # what an older version's interrupted prune left: a step folder with half its files
+    (ck / "step-00000000").mkdir()
+    (ck / "step-00000000" / "model.safetensors").write_bytes(b"m" * 10)
+    manager.save(3, _writers(), meta={})
+    assert sorted(p.name for p in ck.iterdir()) == ["latest.json", "step-00000003"]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4416 vs 4305"),  # torch.save
+])
+def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_free_space(tmp_path, error):
+    ck = tmp_path / "ck"
+    manager = CheckpointManager(ck)
+    manager.save(1, _writers(), meta={})
+
+    def full(path):
+        Path(path).write_bytes(b"s" * 5)
+        raise error
+
+    with pytest.raises(OSError) as info:
+        manager.save(2, {**_writers(), "training_state.pt": full}, meta={})
+    assert info.value.errno == errno.ENOSPC
+    message = info.value.strerror
+    assert "\n" not in message and "unexpected pos" not in message
+    assert f"checkpoint step-00000002 in {ck} (" in message and " free there)" in message
+    assert sorted(p.name for p in ck.iterdir()) == ["latest.json", "step-00000001"]  # nothing half-written
+
+
+def test_a_full_disk_in_the_cli_is_one_error_line(tmp_path, digits8, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    sets = [x for o in _overrides(digits8, out, 2, 2, ["run.deterministic=false"]) for x in ("--set", o)]
+    res = CliRunner().invoke(main, ["prior", *sets])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert res.exit_code == 1
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: no space left on the disk while writing checkpoint step-00000002 in "
+                           f"{out / 'checkpoints'} ("), res.output
+    assert "Traceback" not in res.output
+
+
+def test_guidance_on_unlabelled_data_is_refused_before_step_1(tmp_path, digits8):
+    """The mnist-pixels preset (cfg 3) on an unlabelled folder used to fail at every preview."""
+    from comfyui_sundae.trainer.config import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"sampling\.cfg_scale = 3\.0 .*has no labels.*--set sampling\.cfg_scale=1"):
+        _train(out, digits8, 4, 2, ["data.labels=false", "sampling.cfg_scale=3.0"], resume="never")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_failing_preview_is_logged_and_training_goes_on(tmp_path, digits8, monkeypatch, caplog):
+    from comfyui_sundae.trainer import train_prior as train_prior_module
+
+    def broken(model, data, cfg, path, device):
+        raise RuntimeError("the preview broke")
+
+    monkeypatch.setattr(train_prior_module, "_preview", broken)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        result = _train(out, digits8, 4, 2, ["run.checkpoint_every=0"], resume="never")
+    assert result["step"] == 4 and result["export"]
+    assert "preview at step 2 failed (RuntimeError: the preview broke); training goes on" in caplog.text
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step-00000004"]

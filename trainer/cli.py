@@ -3,6 +3,7 @@ the commands, so ``--help`` is instant."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -64,6 +65,13 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise click.UsageError(str(exc)) from exc
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from .checkpoint import DiskFullError
+
+        # a full disk: one line (DiskFullError's text names the folder and its free space)
+        raise click.ClickException(exc.strerror if isinstance(exc, DiskFullError) else str(exc)) from exc
 
 
 def _overrides(sets: tuple[str, ...], **shortcuts: Any) -> list[str]:
@@ -117,8 +125,10 @@ set_option = click.option(
     help="Override a config value, e.g. --set optim.lr=1e-4 (repeatable).",
 )
 resume_option = click.option(
-    "--resume", default="auto", show_default=True, metavar="auto|never|PATH",
-    help="Resume from the latest complete checkpoint in run.out_dir (auto), start fresh (never), or a checkpoint folder.",
+    "--resume", default="auto", show_default=True, metavar="auto|never|step-N|PATH",
+    help="Resume from the newest intact checkpoint in run.out_dir (auto: a damaged one is moved aside "
+         "to step-N.damaged with a warning and the previous one is used), start fresh (never), a step "
+         "of run.out_dir (step-N), or a checkpoint or run folder.",
 )
 print_option = click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 

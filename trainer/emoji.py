@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sundae_lib._helpers import current_umask
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES: tuple[str, ...] = (
@@ -308,19 +310,13 @@ def write_npz_reproducible(path: Path, arrays: dict[str, np.ndarray]) -> str:
                 buf = io.BytesIO()
                 np.lib.format.write_array(buf, np.asarray(arrays[key]), allow_pickle=False)
                 zf.writestr(info, buf.getvalue(), compresslevel=6)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return sha256_of(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sha256_of(path: Path) -> str:

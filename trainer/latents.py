@@ -54,7 +54,13 @@ def write_json(path: Path, obj: Any) -> None:
 def source_fingerprint(source: str) -> tuple[str, str]:
     """``(sha256, file name)`` of a model source: a file, a folder (hash over its files) or an
     ``hf://`` file (hashed from the local Hugging Face cache)."""
-    from ..sundae_lib._helpers import file_sha256, hf_download, is_hf_source, parse_hf_source
+    from ..sundae_lib._helpers import (
+        file_sha256,
+        hf_download,
+        is_hf_source,
+        parse_hf_source,
+        source_sha256,
+    )
 
     if is_hf_source(source):
         repo, name = parse_hf_source(source)
@@ -63,13 +69,8 @@ def source_fingerprint(source: str) -> tuple[str, str]:
             return file_sha256(path), Path(name).name
         return hashlib.sha256(source.encode()).hexdigest(), source
     path = Path(source).expanduser()
-    if path.is_file():
-        return file_sha256(path), path.name
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
-        return h.hexdigest(), path.name
+    if path.is_file() or path.is_dir():
+        return source_sha256(path), path.name
     raise FileNotFoundError(f"VQ-GAN source {source!r} does not exist")
 
 

@@ -200,7 +200,10 @@ class MetricsLog:
 
 class StepTail:
     """The end of every optimizer step, shared by the prior and VQ-GAN trainers: evaluation (and
-    the best score so far), the preview, the checkpoint and stop requests, in that order.
+    the best score so far), the checkpoint, the preview and stop requests, in that order. The
+    checkpoint comes before the preview and a failing preview is logged, never fatal: a preview
+    must not be able to lose the step's checkpoint or stop the run (a run that died at every
+    preview could never get past it by resuming).
 
     ``evaluate(step) -> score`` (lower is better; it logs its own metrics), ``preview(step)``
     (main rank only) and ``save(step, score_or_None)`` are the trainer's; ``best`` is
@@ -223,12 +226,16 @@ class StepTail:
                 self.last_eval = (step, self.evaluate(step))
                 if self.best is None or self.last_eval[1] < self.best[1]:
                     self.best = self.last_eval
-        if (run.sample_every and step % run.sample_every == 0) or last:
-            if self.info.is_main:
-                self.preview(step)
-            dist.barrier()
         if want_ckpt:
             self.save(step, self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None)
+            dist.barrier()
+        if (run.sample_every and step % run.sample_every == 0) or last:
+            if self.info.is_main:
+                try:
+                    self.preview(step)
+                except Exception as exc:  # a preview is a by-product: log it, keep training
+                    logger.warning("preview at step %d failed (%s: %s); training goes on", step,
+                                   type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
             dist.barrier()
         return want_stop
 

@@ -52,21 +52,26 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def resolve_codec(prior, prior_source: str, vqgan: str | None):
-    """The codec for ``prior``: ``--vqgan`` if given, else the one its metadata records."""
+    """The codec for ``prior``: ``--vqgan`` if given, else the one its metadata records. A codec
+    whose factor or channels differ from what the prior records is an error; another VQ-GAN
+    file (sha256) of the same shape is a warning (sundae_lib.codec_spec)."""
     from ..sundae_lib import PixelCodec, load_vqgan
-    from ..sundae_lib._helpers import file_sha256
+    from ..sundae_lib._helpers import is_hf_source, source_sha256
+    from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
 
     meta = getattr(prior, "metadata", {}) or {}
+    spec = CodecSpec.from_metadata(meta)
+    sha = None
     if vqgan:
         codec = PixelCodec.from_spec(vqgan) if vqgan.startswith("pixel") else load_vqgan(vqgan)
+        name = vqgan
+        if spec is not None and spec.sha256 and not vqgan.startswith("pixel") and not is_hf_source(vqgan):
+            sha = source_sha256(vqgan)
     else:
-        spec = meta.get("sundae.codec", "")
-        if spec.startswith("pixel"):
-            codec = PixelCodec.from_spec(spec)
-        elif spec.startswith("vqgan"):
-            fields = dict(item.partition("=")[::2] for item in spec.partition(":")[2].split(",") if "=" in item)
-            sha = fields.get("sha256", "")
-            name = meta.get("sundae.vqgan_file", "")
+        if spec is not None and spec.kind == "pixel":
+            codec, name = PixelCodec(levels=spec.levels, channels=spec.channels), str(spec)
+        elif spec is not None and spec.kind == "vqgan":
+            name = spec.file or ""
             if not name:
                 raise ValueError(f"the prior {prior_source!r} records a VQ-GAN hash but no file name; pass --vqgan FILE")
             here = Path(prior_source).parent if not prior_source.startswith("hf://") else None
@@ -79,14 +84,14 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             codec = None
             for cand in candidates:
                 if cand.is_file():
-                    if sha and file_sha256(cand) != sha:
+                    if spec.sha256 and source_sha256(cand) != spec.sha256:
                         logger.warning("%s has another sha256 than the prior records; skipping it", cand)
                         continue
-                    codec = load_vqgan(str(cand))
+                    codec, name, sha = load_vqgan(str(cand)), str(cand), spec.sha256
                     break
             if codec is None:
                 raise FileNotFoundError(
-                    f"the prior was trained on tokens of the VQ-GAN {name!r} (sha256 {sha[:12]}...), "
+                    f"the prior was trained on tokens of the VQ-GAN {name!r} (sha256 {(spec.sha256 or '')[:12]}...), "
                     f"which is not at {', '.join(str(c) for c in candidates)}; pass --vqgan FILE"
                 )
         else:
@@ -99,6 +104,8 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             f"the prior has {prior.codebook_size} codes but the codec has {codec.codebook_size}; use "
             "the VQ-GAN (or pixel levels) the prior was trained on"
         )
+    for warning in check_codec_pairing(spec, codec, prior_name=prior_source, codec_name=name, codec_sha256=sha):
+        logger.warning(warning)
     return codec.eval()
 
 

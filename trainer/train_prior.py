@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import CONFIG, EMA, MODEL, STATE, CheckpointManager
+from .checkpoint import (
+    CONFIG,
+    EMA,
+    MODEL,
+    STATE,
+    CheckpointManager,
+    disk_full_as_one_line,
+    read_checkpoint_files,
+)
 from .config import (
     ConfigError,
     TrainPriorConfig,
@@ -78,6 +86,7 @@ class PriorData:
 
 def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
     from ..sundae_lib import PixelCodec, load_vqgan
+    from ..sundae_lib.codec_spec import CodecSpec
 
     path = resolve_input_path(cfg.data.path, what="data.path")
     kind = detect_kind(path) if cfg.data.kind == "auto" else cfg.data.kind
@@ -87,8 +96,9 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         ds = LatentTokens(path, cfg.data)
         vq = ds.manifest["vqgan"]
         source = cfg.codec.vqgan or vq["source"]
-        meta = {"sundae.codec": f"vqgan:sha256={vq['sha256']},factor={vq['downsample_factor']}",
-                "sundae.vqgan_file": vq["file"], **_portable_source(source)}
+        spec = CodecSpec(kind="vqgan", sha256=vq["sha256"], factor=int(vq["downsample_factor"]),
+                         channels=vq.get("config", {}).get("in_channels"))
+        meta = {"sundae.codec": str(spec), "sundae.vqgan_file": vq["file"], **_portable_source(source)}
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
     h, w = ds.size
@@ -100,7 +110,7 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
             raise ConfigError("codec.kind = 'vqgan' needs codec.vqgan = a VQ-GAN file to encode the images with")
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
-        meta = {"sundae.codec": f"vqgan:sha256={sha},factor={codec.downsample_factor}", "sundae.vqgan_file": name,
+        meta = {"sundae.codec": str(CodecSpec.of_codec(codec, sha256=sha)), "sundae.vqgan_file": name,
                 **_portable_source(cfg.codec.vqgan)}
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
@@ -152,6 +162,24 @@ def resolve_prior_config(model: dict[str, Any], data: PriorData):
         return PriorConfig.from_dict(overrides)
     except ValueError as exc:
         raise ConfigError(f"[model]: {exc}") from exc
+
+
+def check_sampling(cfg: TrainPriorConfig, prior_cfg, data: PriorData) -> None:
+    """The [sampling] settings (previews, and the defaults recorded in the exported prior) must
+    suit the prior this run trains: checked before step 1, not at the first preview."""
+    cfg_scale = cfg.sampling.cfg_scale
+    if cfg_scale == 1.0 or (prior_cfg.num_classes > 0 and prior_cfg.null_class):
+        return
+    if data.num_classes == 0:
+        why = f"data.path {cfg.data.path!r} has no labels, so the prior is unconditional"
+    elif prior_cfg.num_classes == 0:
+        why = "model.num_classes = 0 trains an unconditional prior"
+    else:
+        why = "model.null_class = false leaves no null class to guide against"
+    raise ConfigError(
+        f"sampling.cfg_scale = {cfg_scale} (classifier-free guidance) needs a class-conditional prior "
+        f"with a null class, but {why}; set --set sampling.cfg_scale=1"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +244,7 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     out = Path(run.out_dir)
     data = open_prior_data(cfg)
     prior_cfg = resolve_prior_config(cfg.model, data)
+    check_sampling(cfg, prior_cfg, data)
     resolved = config_to_dict(cfg)
     resolved["model"] = dataclasses.asdict(prior_cfg)
     split = make_split(data.dataset.group_ids(), cfg.data)
@@ -254,9 +283,13 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     ckpts = CheckpointManager(out / "checkpoints", keep_last=run.keep_last, keep_best=run.keep_best, enabled=info.is_main)
     start = 0
     best = None
-    resume_from = dist.broadcast_object(ckpts.resolve_resume(resume) if info.is_main else None)
+    # rank 0 picks (and reads) the newest intact checkpoint; the others read the one it picked
+    found = ckpts.open_resume(resume, read_checkpoint_files) if info.is_main else None
+    resume_from = dist.broadcast_object(str(found[0]) if found is not None else None)
     if resume_from is not None:
-        start, best = _load_checkpoint(Path(resume_from), prior, ema, optimizer, schedule, scaler, order, generators, info)
+        files = found[1] if found is not None else read_checkpoint_files(Path(resume_from))
+        start, best = _load_checkpoint(Path(resume_from), files, prior, ema, optimizer, schedule, scaler, order,
+                                       generators, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
@@ -366,7 +399,8 @@ def _train(cfg: TrainPriorConfig, info: dist.DistInfo, resume: str, argv) -> dic
     if stopped is None and info.is_main:
         export = out / run.export
         final_model = ema.module if ema is not None else prior
-        save_prior(final_model, export, metadata={**meta, "sundae.train_step": str(step)})
+        with disk_full_as_one_line(f"the final model {export.name}", out):
+            save_prior(final_model, export, metadata={**meta, "sundae.train_step": str(step)})
         logger.info("saved the final prior (%s weights) to %s", "EMA" if ema is not None else "raw", export)
     dist.barrier()
     return {
@@ -393,14 +427,14 @@ def _to_tokens(x: torch.Tensor, y: torch.Tensor, data: PriorData, prior_cfg, dev
     return tokens, labels
 
 
-def _load_checkpoint(folder, prior, ema, optimizer, schedule, scaler, order, generators, info) -> tuple[int, Any]:
-    from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
+def _load_checkpoint(folder, files, prior, ema, optimizer, schedule, scaler, order, generators, info) -> tuple[int, Any]:
+    from ..sundae_lib._helpers import load_state_dict_strict
 
+    weights, state = files
     load_state_dict_strict(
-        prior, load_safetensors(folder / MODEL),
+        prior, weights,
         what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
     )
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

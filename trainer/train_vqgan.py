@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import CONFIG, EMA, MODEL, STATE, CheckpointManager
+from .checkpoint import (
+    CONFIG,
+    EMA,
+    MODEL,
+    STATE,
+    CheckpointManager,
+    disk_full_as_one_line,
+    read_checkpoint_files,
+)
 from .config import ConfigError, TrainVQGANConfig, config_to_dict, to_toml, validate_model_table
 from .data import BatchLoader, BatchOrder, make_split, open_images
 from .runtime import EMA as EMAWeights
@@ -152,9 +160,13 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
 
     ckpts = CheckpointManager(out / "checkpoints", keep_last=run.keep_last, keep_best=run.keep_best, enabled=info.is_main)
     start, best = 0, None
-    resume_from = dist.broadcast_object(ckpts.resolve_resume(resume) if info.is_main else None)
+    # rank 0 picks (and reads) the newest intact checkpoint; the others read the one it picked
+    found = ckpts.open_resume(resume, read_checkpoint_files) if info.is_main else None
+    resume_from = dist.broadcast_object(str(found[0]) if found is not None else None)
     if resume_from is not None:
-        start, best = _load(Path(resume_from), model, vq_loss, ema, (opt_g, opt_d, sched_g, scaler_g, scaler_d), order, generators, info)
+        files = found[1] if found is not None else read_checkpoint_files(Path(resume_from))
+        start, best = _load(Path(resume_from), files, model, vq_loss, ema, (opt_g, opt_d, sched_g, scaler_g, scaler_d),
+                            order, generators, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
@@ -278,22 +290,23 @@ def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dic
     export = None
     if stopped is None and info.is_main:
         export = out / run.export
-        save_vqgan(ema.module if ema is not None else model, export, extra_metadata=meta)
+        with disk_full_as_one_line(f"the final model {export.name}", out):
+            save_vqgan(ema.module if ema is not None else model, export, extra_metadata=meta)
         logger.info("saved the final VQ-GAN to %s", export)
     dist.barrier()
     return {"step": step, "stopped": stopped, "export": str(export) if export else None, "losses": losses,
             "best": tail.best, "model": model, "out_dir": str(out)}
 
 
-def _load(folder: Path, model, vq_loss, ema, optim_parts, order, generators, info) -> tuple[int, Any]:
-    from ..sundae_lib._helpers import load_safetensors, load_state_dict_strict
+def _load(folder: Path, files, model, vq_loss, ema, optim_parts, order, generators, info) -> tuple[int, Any]:
+    from ..sundae_lib._helpers import load_state_dict_strict
 
     opt_g, opt_d, sched_g, scaler_g, scaler_d = optim_parts
+    weights, state = files
     load_state_dict_strict(
-        model, load_safetensors(folder / MODEL),
+        model, weights,
         what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
     )
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
     sched_g.load_state_dict(state["sched_g"])
