@@ -140,7 +140,7 @@ def _image_folder(root):
 
 def test_vqgan_latents_prior_pipeline(tmp_path):
     images = _image_folder(tmp_path / "imgs")
-    vq_out = tmp_path / "vq"
+    vq_out = tmp_path / "vqgan"  # beside prior/: the layout the presets use, where sample finds it
     _invoke([
         "vqgan", "--set", "model=tiny", "--set", f"data.path={images}", "--set", "data.eval_fraction=0.2",
         "--set", "loss.disc_start=1", "--set", "loss.disc_num_layers=1", "--set", "loss.disc_ndf=8",
@@ -201,6 +201,7 @@ def test_vqgan_latents_prior_pipeline(tmp_path):
     meta = _meta(pr_out / "model.safetensors")
     assert meta["sundae.codec"] == f"vqgan:sha256={file_sha256(vq_file)},factor=2,channels=3"
     assert meta["sundae.vqgan_file"] == "vq.safetensors"
+    assert "sundae.vqgan_source" not in meta  # a local path is this machine's: never recorded
     assert json.loads(meta["sundae.label_map"]) == ["0", "2", "10"]
     assert (pr_out / "samples" / "step-00000002.png").is_file()
     png = tmp_path / "from-latents.png"
