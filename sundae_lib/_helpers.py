@@ -483,3 +483,24 @@ def source_sha256(path: str | os.PathLike) -> str:
         else:
             _SHA_CACHE[key] = file_sha256(path)
     return _SHA_CACHE[key]
+
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped_models"
+
+
+def shipped_names(kind: str) -> list[str]:
+    """Names of the models shipped in ``shipped_models/<kind>`` (``kind``: "sundae" or "vqgan")."""
+    return sorted(p.stem for p in (SHIPPED_DIR / kind).glob("*.safetensors"))
+
+
+def resolve_shipped(source: str | os.PathLike, kind: str) -> str | os.PathLike:
+    """A bare shipped model name (``"mnist-vq"``, ``"emoji-vq"``) -> its file in
+    ``shipped_models/<kind>/``; anything else (paths, ``hf://``) unchanged. A name that is not
+    an existing path and not shipped is left for the loader's own "does not exist" error, which
+    then lists the shipped names."""
+    if isinstance(source, str) and source and "/" not in source and "\\" not in source \
+            and not source.endswith(".safetensors") and not Path(source).exists():
+        candidate = SHIPPED_DIR / kind / f"{source}.safetensors"
+        if candidate.is_file():
+            return str(candidate)
+    return source

@@ -61,6 +61,7 @@ from ._helpers import (
     read_native_header,
     read_safetensors_shapes,
     resolve_local,
+    resolve_shipped,
     save_native,
 )
 from .layers import ResampleDown, ResampleUp, Rotary2D, Stack, scaled_init_
@@ -543,7 +544,8 @@ def save_prior(prior: SundaePrior, path: str | os.PathLike,
 
 
 def load_prior(source: str | os.PathLike) -> SundaePrior:
-    """Load a native prior file, or ``hf://owner/repo/path/file.safetensors`` through the
+    """Load a native prior file, a shipped prior by name (``"mnist-vq"``, ``"mnist-pixels"``,
+    ``"emoji"``), or ``hf://owner/repo/path/file.safetensors`` through the
     Hugging Face cache (``HF_HUB_OFFLINE=1`` works for cached files). Strict: missing or
     unexpected weights raise ``ValueError`` naming them. Returns the model in eval mode, fp32,
     on the CPU, with the file's header in ``prior.metadata``.
@@ -552,6 +554,7 @@ def load_prior(source: str | os.PathLike) -> SundaePrior:
     meta device) before any weight is read or allocated: a config that disagrees with its
     tensors, or one beyond the limits (``MAX_GRID_SIDE``, ``MAX_BLOCKS``, ``MAX_LEVELS``,
     ``_helpers.MAX_PARAMETERS``), is refused at no memory cost."""
+    source = resolve_shipped(source, "sundae")
     if is_hf_source(source):
         repo_id, filename = parse_hf_source(str(source))
         if not filename:

@@ -51,6 +51,7 @@ from ._helpers import (
     load_state_dict_strict,
     read_safetensors_metadata,
     read_safetensors_shapes,
+    resolve_shipped,
     safetensors_dtype,
 )
 from .safe_pickle import is_zip_checkpoint, safe_torch_load
@@ -117,6 +118,7 @@ def load_vqgan(
             f"load_vqgan: config must be a VQGANConfig, a dict of field overrides or None, got "
             f"{type(config).__name__}"
         )
+    source = resolve_shipped(source, "vqgan")
     if isinstance(source, str) and is_hf_source(source):
         path = fetch_hf(source)
     else:

@@ -7,11 +7,10 @@ import json
 
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, load_prior, save_prior
 from comfyui_sundae.trainer.cli import main
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 def _prior_file(tmp_path):
@@ -70,3 +69,20 @@ def test_recorded_settings_reach_the_loaded_prior(tmp_path):
     prior = load_prior(path)
     recorded = json.loads(prior.metadata["sundae.sampling"])
     assert recorded["steps"] == 7 and recorded["cfg_scale"] == 2.5
+
+
+def test_loaders_take_shipped_names():
+    from comfyui_sundae.sundae_lib import load_vqgan
+    from comfyui_sundae.sundae_lib._helpers import shipped_names
+
+    assert {"mnist-vq", "mnist-pixels", "emoji"} <= set(shipped_names("sundae"))
+    prior = load_prior("emoji")
+    assert prior.num_classes == 9 and tuple(prior.config.grid) == (16, 16)
+    vq = load_vqgan("emoji-vq")
+    assert vq.downsample_factor == 4 and vq.codebook_size == prior.codebook_size
+    try:
+        load_prior("no-such-model")
+    except (FileNotFoundError, ValueError) as exc:
+        assert "no-such-model" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("an unknown name must be refused")
