@@ -57,7 +57,7 @@ def _draw(rng: random.Random) -> tuple[dict, list[str]]:
         i = rng.randrange(levels)
         up_attn[i] = not up_attn[i]
         expect.append("up_block_types")
-    groups = rng.choice([g for g in (1, 2, 4) if all(w % g == 0 for w in widths)])
+    groups = rng.choice([g for g in (1, 2, 4, 8) if all(w % g == 0 for w in widths)])
     latent = rng.choice([2, 3, 4])
     cfg = dict(
         in_channels=rng.choice([3, 3, 1]),
@@ -164,7 +164,7 @@ def test_sweep_covers_both_outcomes():
     assert refused == {"block_out_channels", "up_block_types", "norm_type", "act_fn"}
     assert {len(c["block_out_channels"]) for c in loaded} == {1, 2, 3, 4}
     assert {c["layers_per_block"] for c in loaded} == {1, 2, 3}
-    assert {c["norm_num_groups"] for c in loaded} >= {1, 2, 4}
+    assert {c["norm_num_groups"] for c in loaded} == {1, 2, 4, 8}
     for key in ("mid_block_add_attention", "lookup_from_codebook", "force_upcast"):
         assert {c[key] for c in loaded} == {True, False}, key
     assert any(ATTN_DOWN in c["down_block_types"] for c in loaded)
