@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ._helpers import META_MODEL_TYPE, hf_download, parse_hf_source, read_safetensors_metadata
+from .vqgan import VQGANConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +130,59 @@ def _attn_tail(base: str, tail: str) -> str | None:
 
 _DOWN_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
 _UP_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+_SILU = ("silu", "swish")  # diffusers' get_activation maps both to nn.SiLU (taming's swish)
+
+
+def _bad_field(cfg_path: Path, key: str, value: Any, want: str) -> ValueError:
+    return ValueError(
+        f"load_vqgan: {str(cfg_path)!r}: {key} must be {want}, got {value!r}; the diffusers "
+        "VQModel config.json is damaged or hand-edited — fix that field or download it again"
+    )
+
+
+def _json_int(data: Mapping[str, Any], key: str, default: int, cfg_path: Path) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad_field(cfg_path, key, value, "an integer >= 1")
+    return value
+
+
+def _json_bool(data: Mapping[str, Any], key: str, default: bool, cfg_path: Path) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad_field(cfg_path, key, value, "true or false")
+    return value
+
+
+def _json_list(
+    data: Mapping[str, Any], key: str, default: list, cfg_path: Path, allowed: Any
+) -> list:
+    """A non-empty JSON list of integers >= 1 (``allowed is int``) or of names in ``allowed``."""
+    value = data.get(key, default)
+    if not isinstance(value, list | tuple) or not value:
+        want = (
+            "a non-empty list of integers >= 1"
+            if allowed is int
+            else f"a non-empty list of {sorted(allowed)}"
+        )
+        raise _bad_field(cfg_path, key, value, want)
+    if allowed is int:
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+            raise _bad_field(cfg_path, key, value, "a non-empty list of integers >= 1")
+        return list(value)
+    bad = [t for t in value if not isinstance(t, str) or t not in allowed]
+    if bad:
+        raise ValueError(
+            f"load_vqgan: {str(cfg_path)!r}: {key} contains {bad}; only {sorted(allowed)} are "
+            "taming-compatible, so this model cannot be loaded"
+        )
+    return list(value)
 
 
 def check_diffusers_config(data: Any, cfg_path: Path) -> None:
-    """Refuse everything but a taming-compatible ``VQModel`` config, naming what it is."""
+    """Refuse everything but a taming-compatible ``VQModel`` config, naming the file and the
+    field: another class, MoVQ's spatial norm, another activation, fields of the wrong type or
+    range, and architectures a ``VQGANConfig`` cannot express (see ``fields_from_diffusers_config``)."""
     where = f"load_vqgan: {str(cfg_path)!r}"
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} is not a JSON object; expected a diffusers VQModel config.json")
@@ -148,28 +198,29 @@ def check_diffusers_config(data: Any, cfg_path: Path) -> None:
     if data.get("norm_type", "group") != "group":
         raise ValueError(
             f"{where}: norm_type is {data.get('norm_type')!r}: this is a MoVQ model (spatially "
-            "conditioned norms, e.g. Kandinsky's movq), not a taming-style VQ-GAN; it cannot be loaded"
+            "conditioned norms, e.g. Kandinsky's movq), not a taming-style VQ-GAN; only "
+            "norm_type 'group' can be loaded"
         )
-    if data.get("act_fn", "silu") != "silu":
+    if data.get("act_fn", "silu") not in _SILU:
         raise ValueError(
-            f"{where}: act_fn is {data.get('act_fn')!r}; only 'silu' (taming's swish) is compatible"
+            f"{where}: act_fn is {data.get('act_fn')!r}; only 'silu' / 'swish' (taming's swish) "
+            "is compatible, so this model cannot be loaded"
         )
-    for key, allowed in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
-        bad = [t for t in data.get(key, []) if t not in allowed]
-        if bad:
-            raise ValueError(
-                f"{where}: {key} contains {bad}; only {sorted(allowed)} are taming-compatible"
-            )
+    fields_from_diffusers_config(data, cfg_path)
 
 
 def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dict[str, Any]:
+    """``VQGANConfig`` fields from a diffusers ``config.json`` (checkpoint-formats.md §5), or a
+    ``ValueError`` naming the file and the field that is of the wrong type or that a taming
+    VQ-GAN cannot express."""
     where = f"load_vqgan: {str(cfg_path)!r}"
-    boc = [int(c) for c in data.get("block_out_channels", (64,))]
-    down = list(data.get("down_block_types", ["DownEncoderBlock2D"]))
-    up = list(data.get("up_block_types", ["UpDecoderBlock2D"]))
+    boc = _json_list(data, "block_out_channels", [64], cfg_path, int)
+    down = _json_list(data, "down_block_types", ["DownEncoderBlock2D"], cfg_path, _DOWN_TYPES)
+    up = _json_list(data, "up_block_types", ["UpDecoderBlock2D"], cfg_path, _UP_TYPES)
     if not (len(boc) == len(down) == len(up)):
         raise ValueError(
-            f"{where}: block_out_channels {boc}, down_block_types and up_block_types must have equal lengths"
+            f"{where}: block_out_channels {boc} ({len(boc)} levels), down_block_types ({len(down)}) and "
+            f"up_block_types ({len(up)}) must have equal lengths"
         )
     ch = boc[0]
     if any(c % ch for c in boc):
@@ -181,38 +232,63 @@ def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dic
     enc_attn = [i for i, t in enumerate(down) if _DOWN_TYPES[t]]
     dec_attn = sorted(len(up) - 1 - i for i, t in enumerate(up) if _UP_TYPES[t])
     if enc_attn != dec_attn:
+        # taming (and VQGANConfig.attn_resolutions) puts attention per level on both sides
         raise ValueError(
-            f"{where}: attention levels differ between down_block_types (levels {enc_attn}) and the "
-            f"reversed up_block_types (levels {dec_attn}); VQGANConfig needs the same levels on both sides"
+            f"{where}: attention differs between down_block_types {down} (encoder levels {enc_attn}) "
+            f"and up_block_types {up} (decoder levels {dec_attn}, up_block_types is listed from the "
+            "lowest resolution); a taming VQ-GAN has attention at the same levels in encoder and "
+            "decoder, so this model cannot be loaded"
         )
-    z = int(data.get("latent_channels", 3))
+    groups = _json_int(data, "norm_num_groups", 32, cfg_path)
+    if any(c % groups for c in boc):
+        raise ValueError(
+            f"{where}: norm_num_groups={groups} does not divide every width in block_out_channels "
+            f"{boc}; GroupNorm needs that (diffusers could not build this model either)"
+        )
+    layers = _json_int(data, "layers_per_block", 1, cfg_path)
+    z = _json_int(data, "latent_channels", 3, cfg_path)
+    embed_dim = (
+        z if data.get("vq_embed_dim") is None else _json_int(data, "vq_embed_dim", z, cfg_path)
+    )
+    in_channels = _json_int(data, "in_channels", 3, cfg_path)
+    out_channels = _json_int(data, "out_channels", 3, cfg_path)
+    n_embed = _json_int(data, "num_vq_embeddings", 256, cfg_path)
+    mid_attention = _json_bool(data, "mid_block_add_attention", True, cfg_path)
+    lookup = _json_bool(data, "lookup_from_codebook", False, cfg_path)
+    upcast = _json_bool(data, "force_upcast", False, cfg_path)
     resolution = max(NOMINAL_RESOLUTION, 2 ** (len(boc) - 1))
-    pixel_range = "0,1" if data.get("lookup_from_codebook") and data.get("force_upcast") else "-1,1"
+    pixel_range = "0,1" if lookup and upcast else "-1,1"
     if pixel_range == "0,1":
         logger.info(
             "load_vqgan: %s looks like aMUSEd's VQ (lookup_from_codebook + force_upcast): pixel range 0..1",
             cfg_path,
         )
-    return dict(
+    fields = dict(
         ch=ch,
         ch_mult=tuple(c // ch for c in boc),
-        num_res_blocks=int(data.get("layers_per_block", 1)),
+        num_res_blocks=layers,
         attn_resolutions=tuple(resolution // 2**i for i in enc_attn),
         resolution=resolution,
         z_channels=z,
-        in_channels=int(data.get("in_channels", 3)),
-        out_ch=int(data.get("out_channels", 3)),
+        in_channels=in_channels,
+        out_ch=out_channels,
         dropout=0.0,
         double_z=False,
-        embed_dim=int(data.get("vq_embed_dim") or z),
-        n_embed=int(data.get("num_vq_embeddings", 256)),
-        norm_groups=int(data.get("norm_num_groups", 32)),
-        mid_attention=bool(data.get("mid_block_add_attention", True)),
+        embed_dim=embed_dim,
+        n_embed=n_embed,
+        norm_groups=groups,
+        mid_attention=mid_attention,
         resamp_with_conv=True,
         pixel_range=pixel_range,
         quantizer="vq",
         remap_used=0,
     )
+    try:  # limits (levels, blocks) live in VQGANConfig: report them against this file
+        VQGANConfig(**fields)
+    except ValueError as exc:
+        names = ", ".join(f"{k} = {v}" for k, v in JSON_NAMES.items())
+        raise ValueError(f"{where}: {exc} (config.json names: {names})") from exc
+    return fields
 
 
 JSON_NAMES = {

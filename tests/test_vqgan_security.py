@@ -204,8 +204,16 @@ def test_malicious_bin_in_diffusers_folder(tmp_path):
     folder = tmp_path / "vqvae"
     folder.mkdir()
     (folder / "config.json").write_text(
-        json.dumps({"_class_name": "VQModel", "block_out_channels": [8, 16]})
-    )
+        json.dumps(
+            {
+                "_class_name": "VQModel",
+                "block_out_channels": [8, 16],
+                "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2,
+                "norm_num_groups": 4,
+            }
+        )
+    )  # a valid config (an invalid one is refused before the weights are opened)
     marker = tmp_path / "pwned"
     _craft(folder / "diffusion_pytorch_model.bin", "os.system", marker, zip_format=True)
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
