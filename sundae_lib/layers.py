@@ -17,7 +17,10 @@ einops axis legend:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,41 @@ from einops import rearrange, repeat
 from torch import nn
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [n, e] float32
+
+
+# --------------------------------------------------------------------------------------------
+# cancel inside a forward
+# --------------------------------------------------------------------------------------------
+
+# The check installed by ``interrupt_check`` for the current thread / task. A forward of a large
+# grid can take minutes on a CPU, so "cancel between sampler steps" is not enough: the prior
+# calls the check after every transformer block and at every hourglass level. A context variable
+# (not a module argument) keeps the forward signature and ``torch.compile`` graphs unchanged;
+# with no check installed the forward does exactly what it did before (no host syncs).
+_interrupt_check: ContextVar[Callable[[], None] | None] = ContextVar("sundae_interrupt_check",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def interrupt_check(check: Callable[[], None] | None) -> Iterator[None]:
+    """Install ``check()`` for the duration of the ``with`` block: every prior forward in this
+    thread calls it between transformer blocks and hourglass levels; an exception it raises
+    (e.g. the host application's "cancelled") stops the forward there and propagates. ``None``
+    installs nothing. Nesting restores the outer check on exit."""
+    if check is not None and not callable(check):
+        raise ValueError(f"interrupt_check: check must be a callable() or None, got {check!r}")
+    token = _interrupt_check.set(check)
+    try:
+        yield
+    finally:
+        _interrupt_check.reset(token)
+
+
+def check_interrupt() -> None:
+    """Call the installed interrupt check, if any (a no-op otherwise)."""
+    check = _interrupt_check.get()
+    if check is not None:
+        check()
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +222,7 @@ class Stack(nn.Module):
         rot = self.rotary.grid(h, w, stride=self.stride, device=x.device)
         x = rearrange(x, "b h w d -> b (h w) d")
         for layer in self.layers:
+            check_interrupt()
             x = layer(x, rot)
         return rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
 
