@@ -185,16 +185,17 @@ class _FakeCodec(torch.nn.Module):
 
     downsample_factor, codebook_size, in_channels = 4, 8, 3
 
-    def __init__(self, fits, error=None):
+    def __init__(self, fits, error=None, oom=None):
         super().__init__()
         self.fits, self.error, self.calls = fits, error, []
+        self.oom = oom or torch.OutOfMemoryError("CUDA out of memory (fake)")
 
     def decode(self, tokens, tile=None):
         self.calls.append(tile)
         if self.error is not None:
             raise self.error
         if tile is None or tile > self.fits:
-            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+            raise self.oom
         b, h, w = tokens.shape
         return torch.zeros(b, 3, h * 4, w * 4)
 
@@ -213,6 +214,42 @@ def test_decode_halves_the_tile_on_out_of_memory():
     with pytest.raises(RuntimeError, match="not memory"):
         Decode().decode(CodecHandle(broken, "fake", CPU, torch.float32), tokens, 0)
     assert broken.calls == [None]  # other errors are not retried
+
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. Error code 12"
+
+
+def test_decode_falls_back_to_tiles_on_a_cpu_allocation_failure():
+    """On the CPU, running out of memory is a plain RuntimeError, not torch.OutOfMemoryError."""
+    tokens = TokenBatch(torch.zeros(1, 64, 64, dtype=torch.long), None, 4)
+    fake = _FakeCodec(fits=32, oom=RuntimeError(CPU_OOM))
+    img = Decode().decode(CodecHandle(fake, "fake", CPU, torch.float32), tokens, 0)[0]
+    assert img.shape == (1, 256, 256, 3) and fake.calls == [None, 32]
+
+
+def test_encode_tiles_when_out_of_memory(vq, monkeypatch):
+    image = torch.rand(1, 128, 120, 3)
+    expected = encode(vq, image)
+    whole = vq.model.encode
+    calls = []
+
+    def encode_or_oom(x, tile=None):
+        calls.append(tile)
+        if tile is None:
+            raise RuntimeError(CPU_OOM)
+        return whole(x, tile=tile)
+
+    monkeypatch.setattr(vq.model, "encode", encode_or_oom)
+    tiled = encode(vq, image)
+    assert calls == [None, 16]  # 128 px image, then 64 px tiles (16 tokens at factor 4)
+    assert tiled.tokens.shape == expected.tokens.shape == (1, 32, 30) and tiled.image_size == (128, 120)
+    # tiles of the taming encoder (GroupNorm per window) give tokens close to the whole image's
+    assert (tiled.tokens == expected.tokens).float().mean() > 0.3
+    monkeypatch.setattr(vq.model, "encode", lambda x, tile=None: calls.append(tile) or whole(x[:, :, :0]))
+    calls.clear()
+    with pytest.raises(ValueError):  # other errors are not retried
+        encode(vq, image)
+    assert calls == [None]
 
 
 def test_decode_rejects_tokens_of_another_codec(vq):
