@@ -399,6 +399,89 @@ def test_previews_are_throttled_to_about_once_a_second(prior, vq, monkeypatch):
     assert all(u[2] is None for u in without.updates) and len(without.updates) == 9
 
 
+def test_cancel_inside_a_step_reraises_comfyuis_interrupt(prior, monkeypatch):
+    """ComfyUI's check is called between the prior's blocks, so Cancel stops a long step early."""
+    calls = {"n": 0}
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == 3:  # the node's own check at start, then one inside the first forward
+            raise _Interrupted()
+
+    finished, blocks = [], []
+    monkeypatch.setattr(comfy_adapter, "throw_if_interrupted", check)
+    handles = [prior.model.register_forward_hook(lambda *_: finished.append(1))]
+    handles += [m.register_forward_hook(lambda *_: blocks.append(1))
+                for m in prior.model.modules() if type(m).__name__ == "Block"]
+    try:
+        with pytest.raises(_Interrupted):
+            run_sampler(prior, steps=50)
+    finally:
+        for h in handles:
+            h.remove()
+    assert finished == [] and len(blocks) == 1, "the first forward stopped after its first block"
+
+
+def _timed_preview_run(prior, vq, monkeypatch, decode_cost, **kw):
+    """Sampler run on a fake clock (0.25 s per model call, ``decode_cost`` s per decode); returns
+    the token grids the previews decoded and the previews the progress bar got."""
+    t = {"now": 0.0}
+    bars, decoded = [], []
+    monkeypatch.setattr(sampler_node, "clock", lambda: t["now"])
+    monkeypatch.setattr(comfy_adapter, "progress_bar", lambda total: bars.append(_Bar(total)) or bars[-1])
+    whole = type(vq.model).decode.__get__(vq.model)  # the real one, also on a second call
+
+    def decode(tokens, **k):
+        decoded.append(tuple(tokens.shape))
+        t["now"] += decode_cost
+        return whole(tokens, **k)
+
+    monkeypatch.setattr(vq.model, "decode", decode)
+    handle = prior.model.register_forward_hook(lambda *_: t.__setitem__("now", t["now"] + 0.25))
+    try:
+        run_sampler(prior, vqgan=vq, **kw)
+    finally:
+        handle.remove()
+    return decoded, [u[2] for u in bars[0].updates if u[2] is not None]
+
+
+def test_previews_decode_a_downscaled_view(prior, vq, monkeypatch):
+    monkeypatch.setattr(sampler_node, "PREVIEW_MAX_SIZE", 16)  # 28 px image: every 2nd token
+    decoded, previews = _timed_preview_run(prior, vq, monkeypatch, 0.0, steps=5)
+    assert decoded == [(1, 4, 4), (1, 4, 4)]  # steps 1 and 5, the 7x7 grid at stride 2
+    assert previews[0][2] == 16 and previews[0][1].size == (14, 14)
+
+
+def test_previews_that_cost_too_much_get_coarser_and_rarer(prior, vq, monkeypatch):
+    # a decode costs 0.12 s, half of a 0.25 s step: each preview halves the resolution of the
+    # next, and the next comes only 10x its cost later (1.2 s: steps 1, 6, 11 of 12)
+    decoded, _ = _timed_preview_run(prior, vq, monkeypatch, 0.12, steps=12)
+    assert [d[1] for d in decoded] == [7, 4, 2]
+    # 0.32 s per decode: 3.2 s apart (steps 1 and 14 of 16; the 1 s interval alone gives 4)
+    decoded, _ = _timed_preview_run(prior, vq, monkeypatch, 0.32, steps=16)
+    assert [d[1] for d in decoded] == [7, 4]
+
+
+@pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), torch.OutOfMemoryError("CUDA out of memory (fake)")])
+def test_out_of_memory_in_a_preview_skips_previews_not_the_run(prior, vq, monkeypatch, error, caplog):
+    calls = []
+
+    def oom(tokens, **k):
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(vq.model, "decode", oom)
+    expected = run_sampler(prior, steps=6)
+    with caplog.at_level("WARNING"):
+        out = run_sampler(prior, steps=6, vqgan=vq)
+    assert torch.equal(out.tokens, expected.tokens)  # the run completed, same tokens
+    assert calls == [1], "after one out-of-memory error no further preview is tried"
+    assert sum("previews are off" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(vq.model, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # other errors are not hidden
+        run_sampler(prior, steps=2, vqgan=vq)
+
+
 def test_nodes_keep_no_state_and_inputs_stay_untouched(prior, vq):
     before = {k: v.clone() for k, v in prior.model.state_dict().items()}
     tokens = encode(vq, torch.rand(1, 28, 28, 3))
