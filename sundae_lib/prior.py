@@ -362,8 +362,8 @@ class SundaePrior(nn.Module):
     ``metadata`` holds the string header of the file it was loaded from (``{}`` otherwise).
 
     Cancel: inside ``layers.interrupt_check(fn)`` (or ``sample(..., check_interrupt=fn)``)
-    the forward calls ``fn()`` before every transformer block, around every hourglass level and
-    before the logits, so an exception from ``fn`` stops even a minutes-long forward within one
+    the forward calls ``fn()`` before every transformer block and between its attention and
+    feed-forward, around every hourglass level and before the logits, so an exception from ``fn`` stops even a minutes-long forward within one
     block. With no check installed nothing extra runs.
     """
 

@@ -405,8 +405,8 @@ def test_cancel_inside_a_step_reraises_comfyuis_interrupt(prior, monkeypatch):
 
     def check():
         calls["n"] += 1
-        if calls["n"] == 3:  # the node's own check at start, then one inside the first forward
-            raise _Interrupted()
+        if calls["n"] == 4:  # the node's check at start; in the forward: before block 1, inside
+            raise _Interrupted()  # it (attention | FF), then before the inner level: raise
 
     finished, blocks = [], []
     monkeypatch.setattr(comfy_adapter, "throw_if_interrupted", check)

@@ -557,11 +557,12 @@ def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
             hooked = prior(tokens, labels)
         reference = _reference_forward(prior, tokens, labels)
     assert torch.equal(plain, reference) and torch.equal(hooked, reference)
-    # 5 blocks (pre, inner pre, valley, inner post, post) + 2 per level (2 levels) + logits
-    assert len(calls) == 5 + 2 * 2 + 1
+    # 2 per block (before it, between attention and FF) for the 5 blocks (pre, inner pre,
+    # valley, inner post, post) + 2 per level (2 levels) + 1 before the logits
+    assert len(calls) == 2 * 5 + 2 * 2 + 1
     with torch.no_grad():
         prior(tokens, labels)
-    assert len(calls) == 10, "the check is uninstalled when the with block ends"
+    assert len(calls) == 15, "the check is uninstalled when the with block ends"
 
 
 def test_interrupt_check_raising_stops_the_forward_mid_way():
@@ -578,9 +579,14 @@ def test_interrupt_check_raising_stops_the_forward_mid_way():
 
     def check():
         calls["n"] += 1
-        if calls["n"] == 4:  # inside the inner level
+        if calls["n"] == stop_at:
             raise Cancelled()
 
-    with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
-        prior(rand_tokens(1, 8, 8))
-    assert ran == ["block", "block"], "blocks after the check that raised must not run"
+    # checks: 1 before block 1, 2 inside it, 3 before the inner level, 4 before block 2 (the
+    # inner level's first), 5 between its attention and its FF
+    for stop_at, blocks in [(4, ["block"]), (5, ["block"]), (6, ["block", "block"])]:
+        ran.clear()
+        calls["n"] = 0
+        with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
+            prior(rand_tokens(1, 8, 8))
+        assert ran == blocks, f"blocks after the check that raised must not run ({stop_at=})"
