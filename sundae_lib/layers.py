@@ -36,10 +36,10 @@ RotaryTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [n, e] floa
 
 # The check installed by ``interrupt_check`` for the current thread / task. A forward of a large
 # grid can take minutes on a CPU, so "cancel between sampler steps" is not enough: the prior
-# calls the check after every transformer block and at every hourglass level. A context variable
-# (not a module argument) keeps the forward signature and ``torch.compile`` graphs unchanged;
-# checks sit before every block and between its attention and feed-forward;
-# with no check installed the forward does exactly what it did before (no host syncs).
+# calls the check before every transformer block, between its attention and feed-forward, and
+# at every hourglass level. A context variable (not a module argument) keeps the forward
+# signature unchanged; with no check installed the forward computes exactly what it did before,
+# with no host syncs.
 _interrupt_check: ContextVar[Callable[[], None] | None] = ContextVar("sundae_interrupt_check",
                                                                      default=None)
 
@@ -60,7 +60,11 @@ def interrupt_check(check: Callable[[], None] | None) -> Iterator[None]:
 
 
 def check_interrupt() -> None:
-    """Call the installed interrupt check, if any (a no-op otherwise)."""
+    """Call the installed interrupt check, if any (a no-op otherwise, and inside code traced by
+    ``torch.compile``, which cannot trace a context variable: the training objective compiles
+    into whole graphs, without a break at every block)."""
+    if torch.compiler.is_compiling():
+        return
     check = _interrupt_check.get()
     if check is not None:
         check()

@@ -20,6 +20,7 @@ from comfyui_sundae.sundae_lib.layers import (
     ResampleDown,
     ResampleUp,
     Rotary2D,
+    check_interrupt,
     grid_positions,
     interrupt_check,
 )
@@ -590,3 +591,20 @@ def test_interrupt_check_raising_stops_the_forward_mid_way():
         with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
             prior(rand_tokens(1, 8, 8))
         assert ran == blocks, f"blocks after the check that raised must not run ({stop_at=})"
+
+
+def test_interrupt_hook_leaves_torch_compile_graphs_whole():
+    """The trainer compiles the objective: the hook (a context variable dynamo cannot trace)
+    must not break the graph at every block; compiled code skips it."""
+
+    def step(x):
+        check_interrupt()
+        return x + 1
+
+    calls = []
+    torch._dynamo.reset()
+    with interrupt_check(lambda: calls.append(1)):
+        explained = torch._dynamo.explain(step)(torch.ones(2))
+        step(torch.ones(2))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons][:2]
+    assert calls == [1], "only the eager call runs the check"
