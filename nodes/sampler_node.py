@@ -264,12 +264,12 @@ class _Progress:
             self.previews_on = False
             comfy.soft_empty_cache()
             logger.warning("SundaeSampler: out of memory while decoding a live preview (%s); previews are "
-                           "off for this run, sampling goes on", str(exc).splitlines()[0][:200])
+                           "off for this run, sampling goes on", (str(exc).splitlines() or [""])[0][:200])
             return None
 
     def _decode_preview(self, tokens: torch.Tensor):
         vqgan = self.vqgan
-        height, width = self.out.pixel_size
+        height, width = self.out.image_size or vqgan.model.image_size(*self.out.grid)
         k = max(1, -(-max(height, width) // PREVIEW_MAX_SIZE)) * self.coarsen
         t = tokens[:1]
         if k > 1:  # every k-th token of the image grid (a pixel codec interleaves channels in w)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS, comfy_adapter, loaders, sampler_node
@@ -23,6 +24,7 @@ from comfyui_sundae.sundae_lib import (
     save_vqgan,
 )
 from comfyui_sundae.sundae_lib.masks import grow_token_mask, resize_mask, token_mask_from_pixels
+from einops import rearrange
 
 CPU = torch.device("cpu")
 TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
@@ -450,6 +452,18 @@ def test_previews_decode_a_downscaled_view(prior, vq, monkeypatch):
     decoded, previews = _timed_preview_run(prior, vq, monkeypatch, 0.0, steps=5)
     assert decoded == [(1, 4, 4), (1, 4, 4)]  # steps 1 and 5, the 7x7 grid at stride 2
     assert previews[0][2] == 16 and previews[0][1].size == (14, 14)
+
+
+def test_downscaled_preview_keeps_a_pixel_codecs_interleaved_channels(monkeypatch):
+    codec = PixelCodec(16, channels=3)  # tokens [b, H, W*3]: R, G, B interleaved along the width
+    monkeypatch.setattr(sampler_node, "PREVIEW_MAX_SIZE", 2)  # a 4x4 image: every 2nd pixel
+    tokens = torch.randint(0, 16, (1, 4, 12))
+    progress = sampler_node._Progress(3, CodecHandle(codec, "px", CPU, torch.float32), TokenBatch(tokens, None, None))
+    _fmt, pil, _size = progress._decode_preview(tokens)
+    assert pil.size == (2, 2)
+    seen = torch.tensor(np.asarray(pil), dtype=torch.float32) / 255 * 2 - 1
+    torch.testing.assert_close(seen, rearrange(codec.decode(tokens)[0, :, ::2, ::2], "c h w -> h w c"),
+                               atol=0.01, rtol=0)
 
 
 def test_previews_that_cost_too_much_get_coarser_and_rarer(prior, vq, monkeypatch):
