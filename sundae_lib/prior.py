@@ -64,7 +64,15 @@ from ._helpers import (
     resolve_shipped,
     save_native,
 )
-from .layers import ResampleDown, ResampleUp, Rotary2D, Stack, check_interrupt, scaled_init_
+from .layers import (
+    ResampleDown,
+    ResampleUp,
+    Rotary2D,
+    Stack,
+    check_interrupt,
+    rowwise,
+    scaled_init_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +371,10 @@ class SundaePrior(nn.Module):
 
     Cancel: inside ``layers.interrupt_check(fn)`` (or ``sample(..., check_interrupt=fn)``)
     the forward calls ``fn()`` before every transformer block and between its attention and
-    feed-forward, around every hourglass level and before the logits, so an exception from ``fn`` stops even a minutes-long forward within one
-    block. With no check installed nothing extra runs.
+    feed-forward, around every hourglass level and before the logits; on a CPU, attention, FF
+    and logits of a huge grid (more than ``layers.CHUNK_MACS`` multiply-adds) also go through in
+    row chunks with a check between them (same results), so an exception from ``fn`` stops even
+    a minutes-long step within about a second. With no check installed nothing extra runs.
     """
 
     def __init__(self, config: PriorConfig) -> None:
@@ -511,7 +521,10 @@ class SundaePrior(nn.Module):
             x = x + rearrange(self.class_emb(labels), "b d -> b 1 1 d")
         x = self.body(x)
         check_interrupt()  # the logits of a large grid are a big matmul of their own
-        return self.to_logits(self.norm_out(x))
+        b, h, w, d = x.shape
+        x = rearrange(self.norm_out(x), "b h w d -> b (h w) d")
+        logits = rowwise(self.to_logits, x, macs_per_row=b * d * self.codebook_size)
+        return rearrange(logits, "b (h w) k -> b h w k", h=h, w=w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from comfyui_sundae.sundae_lib.layers import (
     check_interrupt,
     grid_positions,
     interrupt_check,
+    rowwise,
 )
 from comfyui_sundae.sundae_lib.prior import Hourglass
 from einops import rearrange
@@ -593,18 +594,50 @@ def test_interrupt_check_raising_stops_the_forward_mid_way():
         assert ran == blocks, f"blocks after the check that raised must not run ({stop_at=})"
 
 
+def test_long_layers_are_split_for_cancel_with_the_same_numbers(monkeypatch):
+    """At huge grids one attention, FF or logits matmul runs for minutes on a CPU: with a check
+    installed they go through in row chunks, a check between chunks, computing the same bits."""
+    from comfyui_sundae.sundae_lib import layers
+
+    torch.manual_seed(0)
+    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
+    with torch.no_grad():
+        plain = prior(tokens, labels)
+        monkeypatch.setattr(layers, "CHUNK_MACS", 4096)  # a few rows per chunk at this size
+        calls = []
+        with interrupt_check(lambda: calls.append(1)):
+            chunked = prior(tokens, labels)
+        unhooked = prior(tokens, labels)  # no check installed: never split
+    assert torch.equal(chunked, plain) and torch.equal(unhooked, plain)
+    assert len(calls) > 2 * 15, f"only {len(calls)} checks: the layers were not split"
+    ran = {"n": 0}
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        ran["n"] += 1
+        if ran["n"] == 3:  # inside the first block's attention
+            raise Cancelled()
+
+    with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
+        prior(tokens, labels)
+
+
 def test_interrupt_hook_leaves_torch_compile_graphs_whole():
     """The trainer compiles the objective: the hook (a context variable dynamo cannot trace)
     must not break the graph at every block; compiled code skips it."""
 
     def step(x):
         check_interrupt()
-        return x + 1
+        return rowwise(lambda t: t + 1, x, macs_per_row=2**40)  # would split in eager mode
 
     calls = []
     torch._dynamo.reset()
     with interrupt_check(lambda: calls.append(1)):
-        explained = torch._dynamo.explain(step)(torch.ones(2))
-        step(torch.ones(2))
+        explained = torch._dynamo.explain(step)(torch.ones(64, 2))
+        calls.clear()
+        step(torch.ones(64, 2))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons][:2]
-    assert calls == [1], "only the eager call runs the check"
+    assert len(calls) == 1 + 64 // 16, "the eager call checks (and splits the rows)"
