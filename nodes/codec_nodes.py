@@ -19,7 +19,8 @@ class SundaeEncode:
     DESCRIPTION = (
         "Encodes images into VQ-GAN tokens (one token per factor × factor pixel cell) for "
         "inpainting and variations. Sizes that are not a multiple of the codec factor are "
-        "padded by repeating the edge (right and bottom) and cropped back by VQ-GAN Decode."
+        "padded by repeating the edge (right and bottom) and cropped back by VQ-GAN Decode. If the "
+        "device (GPU or CPU) runs out of memory, the image is encoded in tiles, halved until it fits."
     )
     CATEGORY = "sundae"
     RETURN_TYPES = (TOKENS_TYPE,)
@@ -38,13 +39,35 @@ class SundaeEncode:
 
     def encode(self, vqgan: CodecHandle, image: torch.Tensor):
         x, size = image_to_codec(image, vqgan, node="SundaeEncode")
-        tokens = vqgan.model.encode(x)
+        grid_px = max(x.shape[-2:])
+        tokens = with_tile_fallback(
+            lambda tile: vqgan.model.encode(x, tile=max(1, tile // vqgan.factor)) if tile else vqgan.model.encode(x),
+            grid_px, 0, node="SundaeEncode",
+        )
         batch = TokenBatch(
             tokens=tokens.to("cpu", torch.long), mask=None, factor=vqgan.factor, image_size=size,
             codec_id=vqgan.codec_id,
         )
         logger.info("SundaeEncode: %dx%d px -> %dx%d tokens with %s", size[1], size[0], batch.grid[1], batch.grid[0], vqgan.codec_id)
         return (batch,)
+
+
+def with_tile_fallback(run, grid_px: int, tile_px: int, *, node: str):
+    """``run(tile_px)`` (0 = untiled), retried with the tile halved (down to ``MIN_TILE`` pixels)
+    when the device runs out of memory: CUDA's ``OutOfMemoryError`` or the CPU allocator's plain
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"). Other errors propagate."""
+    tile = tile_px if 0 < tile_px < grid_px else 0
+    while True:
+        try:
+            return run(tile)
+        except (RuntimeError, *comfy.oom_exceptions()) as exc:
+            if not comfy.is_out_of_memory(exc):
+                raise
+            comfy.soft_empty_cache()
+            tile = (tile or grid_px) // 2
+            if tile < MIN_TILE:
+                raise
+            logger.warning("%s: out of memory, retrying with %d px tiles", node, tile)
 
 
 def check_tokens_fit_codec(tokens: TokenBatch, vqgan: CodecHandle, *, node: str) -> None:
@@ -68,7 +91,8 @@ def check_tokens_fit_codec(tokens: TokenBatch, vqgan: CodecHandle, *, node: str)
 class SundaeDecode:
     DESCRIPTION = (
         "Decodes SUNDAE tokens into images with the VQ-GAN. Large images can be decoded in tiles "
-        "to save memory; if the GPU runs out of memory the tile is halved and decoding retried."
+        "to save memory; if the device (GPU or CPU) runs out of memory the tile is halved and decoding "
+        "retried."
     )
     CATEGORY = "sundae"
     RETURN_TYPES = ("IMAGE",)
@@ -99,17 +123,7 @@ class SundaeDecode:
             tokens = tokens.replace(factor=vqgan.factor)
         t = tokens_on(tokens.tokens, vqgan.device)
         grid_px = max(tokens.grid) * tokens.factor
-        tile = tile_size if 0 < tile_size < grid_px else 0
-        while True:
-            try:
-                x = self._decode(vqgan, t, tile)
-                break
-            except comfy.oom_exceptions():
-                comfy.soft_empty_cache()
-                tile = (tile or grid_px) // 2
-                if tile < MIN_TILE:
-                    raise
-                logger.warning("SundaeDecode: out of memory, retrying with %d px tiles", tile)
+        x = with_tile_fallback(lambda tile: self._decode(vqgan, t, tile), grid_px, tile_size, node="SundaeDecode")
         return (codec_to_image(x, tokens.pixel_size, device=comfy.intermediate_device()),)
 
     @staticmethod

@@ -328,6 +328,21 @@ def oom_exceptions() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# what allocators say when memory runs out: the CPU's (DefaultCPUAllocator: "can't allocate
+# memory: you tried to allocate ..."), MPS ("MPS backend out of memory") and CUDA/HIP ("out of
+# memory"). A CPU allocation failure is a plain RuntimeError, not torch.OutOfMemoryError.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an out-of-memory error on any device: one of ``oom_exceptions()``, or a
+    ``RuntimeError`` whose message is an allocator's out-of-memory message (the CPU allocator
+    raises a plain ``RuntimeError``). Any other error is a real bug and must not be retried."""
+    if isinstance(exc, oom_exceptions()):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
 # --------------------------------------------------------------------------------------------
 # interrupt and progress
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import logging
 import time
 
 import torch
+from einops import rearrange
 
 from .. import sundae_lib
 from ..sundae_lib._helpers import source_sha256
@@ -18,7 +19,8 @@ from .types import PRIOR_TYPE, TOKENS_TYPE, VQGAN_TYPE, CodecHandle, PriorHandle
 logger = logging.getLogger(__name__)
 
 PREVIEW_INTERVAL_S = 1.0  # decode a live preview at most about once a second
-PREVIEW_MAX_SIZE = 512
+PREVIEW_MAX_SIZE = 512  # pixels per side: the preview decodes every k-th token to stay near this
+PREVIEW_BUDGET = 0.1  # a preview may cost at most this fraction of a step (else it gets coarser)
 MAX_SIZE = 16384
 MIN_STRENGTH = 0.01  # strength 0 would change nothing (the library needs a fraction in (0, 1])
 clock = time.monotonic  # tests replace it with a fake clock
@@ -106,6 +108,7 @@ class SundaeSampler:
             temperature=(temperature_start, temperature_end), update_proportion=(update_start, update_end),
             early_stop=early_stop, labels=labels, cfg_scale=cfg_scale, init_tokens=init, mask=mask,
             strength=strength, generator=generator, callback=callback,
+            check_interrupt=comfy.throw_if_interrupted,  # Cancel inside a step, between blocks
         )
         callback.finish()
         return (out.replace(tokens=result.to("cpu", torch.long)),)
@@ -219,27 +222,61 @@ def _grid_for_size(prior: PriorHandle, vqgan: CodecHandle | None, width: int, he
 
 
 class _Progress:
-    """The sampler callback: interrupt check every step, progress bar, throttled previews."""
+    """The sampler callback: interrupt check every step, progress bar, throttled previews.
+
+    A preview decodes a downscaled view (every k-th token of the first sample, k chosen so the
+    image is about ``PREVIEW_MAX_SIZE`` pixels per side); when one costs more than
+    ``PREVIEW_BUDGET`` of the step time measured between callbacks, k doubles, and previews are
+    spaced so that on average they cost at most that share of the run. An out-of-memory error in
+    a preview turns previews off for the run; sampling goes on."""
 
     def __init__(self, steps: int, vqgan: CodecHandle | None, out: TokenBatch):
         self.bar = comfy.progress_bar(steps)
         self.vqgan, self.out = vqgan, out
-        self.last_preview = None
+        self.next_preview: float | None = None  # no preview before this clock time
+        self.coarsen = 1  # extra token stride after previews that cost too much
+        self.previews_on = vqgan is not None
         self.step, self.total = 0, steps
+        self.last_end = clock()
 
     def __call__(self, step: int, total: int, tokens: torch.Tensor) -> None:
-        comfy.throw_if_interrupted()  # Cancel stops within one step
+        comfy.throw_if_interrupted()  # Cancel stops within one step (and inside one: sample's check)
         self.step, self.total = step, total
         preview = None
         now = clock()
-        if self.vqgan is not None and (self.last_preview is None or now - self.last_preview >= PREVIEW_INTERVAL_S):
+        step_time = now - self.last_end
+        if self.previews_on and (self.next_preview is None or now >= self.next_preview):
             preview = self._preview(tokens)
-            self.last_preview = clock()
+            done = clock()
+            cost = done - now
+            if cost > PREVIEW_BUDGET * step_time:
+                self.coarsen *= 2
+            self.next_preview = done + max(PREVIEW_INTERVAL_S, cost / PREVIEW_BUDGET)
         self.bar.update_absolute(step, total, preview)
+        self.last_end = clock()
 
     def _preview(self, tokens: torch.Tensor):
-        x = self.vqgan.model.decode(tokens[:1].to(self.vqgan.device))
-        image = codec_to_image(x, self.out.pixel_size, device=torch.device("cpu"))[0]
+        try:
+            return self._decode_preview(tokens)
+        except (RuntimeError, *comfy.oom_exceptions()) as exc:
+            if not comfy.is_out_of_memory(exc):
+                raise
+            self.previews_on = False
+            comfy.soft_empty_cache()
+            logger.warning("SundaeSampler: out of memory while decoding a live preview (%s); previews are "
+                           "off for this run, sampling goes on", (str(exc).splitlines() or [""])[0][:200])
+            return None
+
+    def _decode_preview(self, tokens: torch.Tensor):
+        vqgan = self.vqgan
+        height, width = self.out.image_size or vqgan.model.image_size(*self.out.grid)
+        k = max(1, -(-max(height, width) // PREVIEW_MAX_SIZE)) * self.coarsen
+        t = tokens[:1]
+        if k > 1:  # every k-th token of the image grid (a pixel codec interleaves channels in w)
+            c = vqgan.model.config.channels if isinstance(vqgan.model, sundae_lib.PixelCodec) else 1
+            t = rearrange(rearrange(t, "b h (w c) -> b h w c", c=c)[:, ::k, ::k], "b h w c -> b h (w c)")
+        x = vqgan.model.decode(t.to(vqgan.device))
+        image = codec_to_image(x, (-(-height // k), -(-width // k)), device=torch.device("cpu"))[0]
         return ("JPEG", image_to_pil(image), PREVIEW_MAX_SIZE)
 
     def finish(self) -> None:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "sundae_loss": "loss",
     "corrupt_tokens": "loss",
     "sample": "sampler",
+    "interrupt_check": "layers",
     # codecs
     "VQGANConfig": "vqgan",
     "VQGAN": "vqgan",

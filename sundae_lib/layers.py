@@ -17,7 +17,10 @@ einops axis legend:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,73 @@ from einops import rearrange, repeat
 from torch import nn
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [n, e] float32
+
+
+# --------------------------------------------------------------------------------------------
+# cancel inside a forward
+# --------------------------------------------------------------------------------------------
+
+# The check installed by ``interrupt_check`` for the current thread / task. A forward of a large
+# grid can take minutes on a CPU, so "cancel between sampler steps" is not enough: the prior
+# calls the check before every transformer block, between its attention and feed-forward, and
+# at every hourglass level. A context variable (not a module argument) keeps the forward
+# signature unchanged; with no check installed the forward computes exactly what it did before,
+# with no host syncs.
+_interrupt_check: ContextVar[Callable[[], None] | None] = ContextVar("sundae_interrupt_check",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def interrupt_check(check: Callable[[], None] | None) -> Iterator[None]:
+    """Install ``check()`` for the duration of the ``with`` block: every prior forward in this
+    thread calls it between transformer blocks and hourglass levels; an exception it raises
+    (e.g. the host application's "cancelled") stops the forward there and propagates. ``None``
+    installs nothing. Nesting restores the outer check on exit."""
+    if check is not None and not callable(check):
+        raise ValueError(f"interrupt_check: check must be a callable() or None, got {check!r}")
+    token = _interrupt_check.set(check)
+    try:
+        yield
+    finally:
+        _interrupt_check.reset(token)
+
+
+# multiply-adds between two checks inside one layer on a CPU (~0.3-1 s on one core): at very large
+# grids (65536 tokens at 4096 px, f16) one attention or logits matmul runs for minutes
+CHUNK_MACS = 2**31
+CHUNK_MIN_ROWS = 16  # single-query attention takes another CPU kernel path (other last bits)
+
+
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, macs_per_row: int) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (each row of dim -2 computed on its own: a Linear, an FF,
+    attention queries against fixed keys). With an interrupt check installed, on the CPU, and
+    more than ``CHUNK_MACS`` multiply-adds in all, the rows go through in chunks with a check
+    between them. The numbers stay the same bits on the CPUs we tested (their kernels compute
+    rows independently; single-row attention does not, hence ``CHUNK_MIN_ROWS``); the test
+    ``test_long_layers_are_split_for_cancel_with_the_same_numbers`` checks it. Otherwise (no
+    check, another device, under ``torch.compile``) exactly ``fn(x)``."""
+    n = x.shape[-2]
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _interrupt_check.get() is None:
+        return fn(x)
+    rows = max(CHUNK_MIN_ROWS, CHUNK_MACS // max(1, macs_per_row))
+    if rows >= n:
+        return fn(x)
+    parts = []
+    for i in range(0, n, rows):
+        check_interrupt()
+        parts.append(fn(x[..., i : i + rows, :]))
+    return torch.cat(parts, dim=-2)
+
+
+def check_interrupt() -> None:
+    """Call the installed interrupt check, if any (a no-op otherwise, and inside code traced by
+    ``torch.compile``, which cannot trace a context variable: the training objective compiles
+    into whole graphs, without a break at every block)."""
+    if torch.compiler.is_compiling():
+        return
+    check = _interrupt_check.get()
+    if check is not None:
+        check()
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +199,11 @@ class Attention(nn.Module):
         if rot_k is not None:
             k = apply_rotary(k, rot_k)
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if mask is not None or p > 0:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        b, heads, _, e = q.shape
+        return rowwise(lambda qc: F.scaled_dot_product_attention(qc, k, v), q,
+                       macs_per_row=2 * b * heads * k.shape[-2] * e)
 
     def forward(self, x, context=None, *, rot_q=None, rot_k=None, mask=None) -> torch.Tensor:
         out = self.heads_output(x, context, rot_q=rot_q, rot_k=rot_k, mask=mask)
@@ -162,7 +236,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rot: RotaryTables) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rot_q=rot, rot_k=rot))
-        return x + self.drop(self.ff(self.ff_norm(x)))
+        check_interrupt()  # attention and FF each take ~1 s at 4096 tokens, D 1024, on a CPU
+        b, _, d = x.shape
+        hidden = self.ff.proj_in.out_features
+        return x + self.drop(rowwise(lambda xc: self.ff(self.ff_norm(xc)), x, macs_per_row=2 * b * d * hidden))
 
 
 class Stack(nn.Module):
@@ -184,6 +261,7 @@ class Stack(nn.Module):
         rot = self.rotary.grid(h, w, stride=self.stride, device=x.device)
         x = rearrange(x, "b h w d -> b (h w) d")
         for layer in self.layers:
+            check_interrupt()
             x = layer(x, rot)
         return rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
 

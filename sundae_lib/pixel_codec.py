@@ -201,9 +201,17 @@ class PixelCodec(nn.Module):
         return h, w // self.config.channels
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+    def encode(
+        self,
+        x: torch.Tensor,
+        *,
+        pad: str = "replicate",
+        tile: int | None = None,
+        overlap: int | None = None,
+    ) -> torch.Tensor:
         """Images ``[b, channels, H, W]`` float in [-1, 1] -> tokens ``[b, H, W*channels]`` int64.
-        ``pad`` is accepted for interface parity (factor 1 never pads)."""
+        ``pad``, ``tile`` and ``overlap`` are accepted for interface parity (factor 1 never pads;
+        every pixel is its own token, so there is nothing to tile)."""
         check_images(x, self.config.channels, "PixelCodec.encode")
         check_pad_mode(pad)
         top = self.config.levels - 1

@@ -64,7 +64,15 @@ from ._helpers import (
     resolve_shipped,
     save_native,
 )
-from .layers import ResampleDown, ResampleUp, Rotary2D, Stack, scaled_init_
+from .layers import (
+    ResampleDown,
+    ResampleUp,
+    Rotary2D,
+    Stack,
+    check_interrupt,
+    rowwise,
+    scaled_init_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +344,9 @@ class Hourglass(nn.Module):
         coarse = self.down(rearrange(fine, "b (hc s1) (wc s2) d -> b hc wc (d s1 s2)", s1=s, s2=s))
         if self.resample_down is not None:
             coarse = self.resample_down(coarse, fine, (h, w))
+        check_interrupt()  # between levels (Stack also checks between its blocks)
         coarse = self.valley(coarse)
+        check_interrupt()
         up = rearrange(self.up(coarse), "b hc wc (d s1 s2) -> b (hc s1) (wc s2) d", s1=s, s2=s)
         up = up + fine  # U-Net skip (the pre output), after upsampling as in the paper
         if self.resample_up is not None:
@@ -358,6 +368,13 @@ class SundaePrior(nn.Module):
     Labels: ``0..num_classes-1``; ``-1`` = the null class; ``None`` on a conditional prior =
     null class for the whole batch; an unconditional prior rejects labels.
     ``metadata`` holds the string header of the file it was loaded from (``{}`` otherwise).
+
+    Cancel: inside ``layers.interrupt_check(fn)`` (or ``sample(..., check_interrupt=fn)``)
+    the forward calls ``fn()`` before every transformer block and between its attention and
+    feed-forward, around every hourglass level and before the logits; on a CPU, attention, FF
+    and logits of a huge grid (more than ``layers.CHUNK_MACS`` multiply-adds) also go through in
+    row chunks with a check between them (same results), so an exception from ``fn`` stops even
+    a minutes-long step within about a second. With no check installed nothing extra runs.
     """
 
     def __init__(self, config: PriorConfig) -> None:
@@ -503,7 +520,11 @@ class SundaePrior(nn.Module):
         if labels is not None:
             x = x + rearrange(self.class_emb(labels), "b d -> b 1 1 d")
         x = self.body(x)
-        return self.to_logits(self.norm_out(x))
+        check_interrupt()  # the logits of a large grid are a big matmul of their own
+        b, h, w, d = x.shape
+        x = rearrange(self.norm_out(x), "b h w d -> b (h w) d")
+        logits = rowwise(self.to_logits, x, macs_per_row=b * d * self.codebook_size)
+        return rearrange(logits, "b (h w) k -> b h w k", h=h, w=w)
 
 
 # --------------------------------------------------------------------------------------------

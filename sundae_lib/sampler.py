@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .layers import interrupt_check
 from .loss import (
     corrupt_tokens,
     prior_device,
@@ -217,6 +218,7 @@ def sample(
     strength: float = 1.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    check_interrupt: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Sample token grids from a SUNDAE prior. Returns int64 ``[b, h, w]`` on the prior's device.
 
@@ -261,6 +263,9 @@ def sample(
     current batch (frozen samples included; an inference tensor — read it or ``.clone()`` it,
     do not modify it). An exception raised in the callback propagates and stops sampling
     (cancel). With early stop the last call may have ``step < total``.
+    ``check_interrupt()``: installed (``layers.interrupt_check``) for the duration of the call,
+    so the prior calls it between transformer blocks and hourglass levels *inside* each forward;
+    an exception it raises cancels mid-step (a step of a large grid can take minutes on a CPU).
 
     The prior runs in eval mode under ``torch.inference_mode()`` (its train/eval modes are
     restored afterwards) in its own dtype; logits are cast to float32 for sampling. The result
@@ -304,6 +309,8 @@ def sample(
         raise ValueError(
             f"sample: callback must be callable(step, total, tokens), got {callback!r}"
         )
+    if check_interrupt is not None and not callable(check_interrupt):
+        raise ValueError(f"sample: check_interrupt must be callable() or None, got {check_interrupt!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(
             f"sample: generator must be a torch.Generator, got {type(generator).__name__}; use "
@@ -385,7 +392,7 @@ def sample(
 
     modes = _set_eval(prior)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), interrupt_check(check_interrupt):
             x = _sample_loop(
                 prior,
                 shape=(b, h, w),

@@ -415,11 +415,9 @@ class VQGAN(nn.Module):
     def _param(self) -> torch.Tensor:
         return self.quant_conv.weight
 
-    def encode_to_latent(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
-        """Images ``[b, in_channels, H, W]`` in [-1, 1] -> pre-quant latents
-        ``[b, embed_dim, ceil(H/f), ceil(W/f)]`` (encoder + quant_conv). ``pad``: how to extend
-        images whose size is not a multiple of f (right/bottom): ``replicate`` (default),
-        ``reflect``, ``constant`` (zeros) or ``error``."""
+    def _encoder_input(self, x: torch.Tensor, pad: str) -> torch.Tensor:
+        """Checked images padded to multiples of f, on the model's device and dtype, in the
+        model's pixel range: what the encoder sees (see ``encode_to_latent``)."""
         check_images(x, self.in_channels, "VQGAN.encode")
         check_pad_mode(pad)
         height, width = x.shape[-2:]
@@ -442,7 +440,14 @@ class VQGAN(nn.Module):
             x = F.pad(x, (0, pw - width, 0, ph - height), mode=pad)
         if self.config.pixel_range == "0,1":
             x = (x + 1.0) / 2.0
-        return self.quant_conv(self.encoder(x))
+        return x
+
+    def encode_to_latent(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+        """Images ``[b, in_channels, H, W]`` in [-1, 1] -> pre-quant latents
+        ``[b, embed_dim, ceil(H/f), ceil(W/f)]`` (encoder + quant_conv). ``pad``: how to extend
+        images whose size is not a multiple of f (right/bottom): ``replicate`` (default),
+        ``reflect``, ``constant`` (zeros) or ``error``."""
+        return self.quant_conv(self.encoder(self._encoder_input(x, pad)))
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[b, h, w]`` -> code vectors ``z_q [b, embed_dim, h, w]``."""
@@ -476,12 +481,45 @@ class VQGAN(nn.Module):
     # ---- token API ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, *, pad: str = "replicate") -> torch.Tensor:
+    def encode(
+        self,
+        x: torch.Tensor,
+        *,
+        pad: str = "replicate",
+        tile: int | None = None,
+        overlap: int | None = None,
+    ) -> torch.Tensor:
         """Images ``[b, in_channels, H, W]`` float in [-1, 1] -> tokens ``[b, h, w]`` int64 with
         ``(h, w) = token_grid(H, W)``. Non-multiple sizes are padded right/bottom (``pad``, see
         ``encode_to_latent``); the grid covers the padded image. Gumbel models take the argmax
-        code (taming samples)."""
-        _, tokens = self.quantize(self.encode_to_latent(x, pad=pad))
+        code (taming samples).
+
+        ``tile`` (tokens): encode overlapping windows of ``tile x tile`` tokens
+        (``tile * f`` pixels) one at a time, neighbours overlapping by ``overlap`` tokens (default
+        ``tile // 4``), and keep each token from the window whose centre it is nearest (the
+        seam falls in the middle of the overlap). This bounds peak memory by the tile size. The
+        result equals the untiled encode exactly when the encoder is local (convolutions only)
+        and its receptive field reaches less than ``overlap // 2`` tokens; the taming encoder
+        normalises with GroupNorm (statistics per window) and may have attention, so there
+        tiled tokens are close to, not equal to, the untiled ones. ``tile >= h`` and ``>= w``
+        is exactly the untiled encode."""
+        if tile is None:
+            _, tokens = self.quantize(self.encode_to_latent(x, pad=pad))
+            return tokens
+        overlap = _check_tile(tile, overlap, "VQGAN.encode")
+        x = self._encoder_input(x, pad)
+        f = self.downsample_factor
+        b, (h, w) = x.shape[0], (x.shape[-2] // f, x.shape[-1] // f)
+        if tile >= h and tile >= w:
+            _, tokens = self.quantize(self.quant_conv(self.encoder(x)))
+            return tokens
+        th, tw = min(tile, h), min(tile, w)
+        tokens = torch.empty(b, h, w, dtype=torch.long, device=x.device)
+        for (y0, ylo, yhi) in _tile_keep(h, th, overlap):
+            for (x0, xlo, xhi) in _tile_keep(w, tw, overlap):
+                window = x[..., y0 * f : (y0 + th) * f, x0 * f : (x0 + tw) * f]
+                _, piece = self.quantize(self.quant_conv(self.encoder(window)))
+                tokens[:, ylo:yhi, xlo:xhi] = piece[:, ylo - y0 : yhi - y0, xlo - x0 : xhi - x0]
         return tokens
 
     @torch.no_grad()
@@ -498,16 +536,7 @@ class VQGAN(nn.Module):
         tokens = check_tokens(tokens, self.codebook_size, "VQGAN.decode")
         if tile is None:
             return self.decode_codes(self.lookup(tokens))
-        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-            raise ValueError(
-                f"VQGAN.decode: tile must be a positive number of tokens or None, got {tile!r}"
-            )
-        if overlap is None:
-            overlap = tile // 4
-        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
-            raise ValueError(
-                f"VQGAN.decode: overlap must be an integer in [0, tile={tile}), got {overlap!r}"
-            )
+        overlap = _check_tile(tile, overlap, "VQGAN.decode")
         h, w = tokens.shape[-2:]
         if tile >= h and tile >= w:
             return self.decode_codes(self.lookup(tokens))
@@ -542,6 +571,25 @@ class VQGAN(nn.Module):
 def _check_loaded_remap(module: VQGAN, _incompatible_keys: Any) -> None:
     """load_state_dict post-hook (module-level so models stay picklable / deep-copyable)."""
     module.quantize.check_used()
+
+
+def _check_tile(tile: Any, overlap: Any, who: str) -> int:
+    """Validate ``tile`` (tokens) and ``overlap``; returns the overlap (default ``tile // 4``)."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{who}: tile must be a positive number of tokens or None, got {tile!r}")
+    if overlap is None:
+        overlap = tile // 4
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"{who}: overlap must be an integer in [0, tile={tile}), got {overlap!r}")
+    return overlap
+
+
+def _tile_keep(n: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """``(start, keep_from, keep_to)`` per window of ``_tile_starts``: the kept ranges partition
+    ``range(n)`` and each seam sits in the middle of its two windows' overlap."""
+    starts = _tile_starts(n, tile, overlap)
+    cuts = [0] + [(nxt + cur + tile) // 2 for cur, nxt in zip(starts[:-1], starts[1:], strict=True)] + [n]
+    return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
 
 
 def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS, comfy_adapter, loaders, sampler_node
@@ -23,6 +24,7 @@ from comfyui_sundae.sundae_lib import (
     save_vqgan,
 )
 from comfyui_sundae.sundae_lib.masks import grow_token_mask, resize_mask, token_mask_from_pixels
+from einops import rearrange
 
 CPU = torch.device("cpu")
 TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
@@ -185,16 +187,17 @@ class _FakeCodec(torch.nn.Module):
 
     downsample_factor, codebook_size, in_channels = 4, 8, 3
 
-    def __init__(self, fits, error=None):
+    def __init__(self, fits, error=None, oom=None):
         super().__init__()
         self.fits, self.error, self.calls = fits, error, []
+        self.oom = oom or torch.OutOfMemoryError("CUDA out of memory (fake)")
 
     def decode(self, tokens, tile=None):
         self.calls.append(tile)
         if self.error is not None:
             raise self.error
         if tile is None or tile > self.fits:
-            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+            raise self.oom
         b, h, w = tokens.shape
         return torch.zeros(b, 3, h * 4, w * 4)
 
@@ -213,6 +216,42 @@ def test_decode_halves_the_tile_on_out_of_memory():
     with pytest.raises(RuntimeError, match="not memory"):
         Decode().decode(CodecHandle(broken, "fake", CPU, torch.float32), tokens, 0)
     assert broken.calls == [None]  # other errors are not retried
+
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. Error code 12"
+
+
+def test_decode_falls_back_to_tiles_on_a_cpu_allocation_failure():
+    """On the CPU, running out of memory is a plain RuntimeError, not torch.OutOfMemoryError."""
+    tokens = TokenBatch(torch.zeros(1, 64, 64, dtype=torch.long), None, 4)
+    fake = _FakeCodec(fits=32, oom=RuntimeError(CPU_OOM))
+    img = Decode().decode(CodecHandle(fake, "fake", CPU, torch.float32), tokens, 0)[0]
+    assert img.shape == (1, 256, 256, 3) and fake.calls == [None, 32]
+
+
+def test_encode_tiles_when_out_of_memory(vq, monkeypatch):
+    image = torch.rand(1, 128, 120, 3)
+    expected = encode(vq, image)
+    whole = vq.model.encode
+    calls = []
+
+    def encode_or_oom(x, tile=None):
+        calls.append(tile)
+        if tile is None:
+            raise RuntimeError(CPU_OOM)
+        return whole(x, tile=tile)
+
+    monkeypatch.setattr(vq.model, "encode", encode_or_oom)
+    tiled = encode(vq, image)
+    assert calls == [None, 16]  # 128 px image, then 64 px tiles (16 tokens at factor 4)
+    assert tiled.tokens.shape == expected.tokens.shape == (1, 32, 30) and tiled.image_size == (128, 120)
+    # tiles of the taming encoder (GroupNorm per window) give tokens close to the whole image's
+    assert (tiled.tokens == expected.tokens).float().mean() > 0.3
+    monkeypatch.setattr(vq.model, "encode", lambda x, tile=None: calls.append(tile) or whole(x[:, :, :0]))
+    calls.clear()
+    with pytest.raises(ValueError):  # other errors are not retried
+        encode(vq, image)
+    assert calls == [None]
 
 
 def test_decode_rejects_tokens_of_another_codec(vq):
@@ -360,6 +399,101 @@ def test_previews_are_throttled_to_about_once_a_second(prior, vq, monkeypatch):
     assert fmt == "JPEG" and size == 512 and pil.size == (28, 28) and pil.mode == "RGB"
     assert [u[0] for u in with_vq.updates] == list(range(1, 21)) + [20]
     assert all(u[2] is None for u in without.updates) and len(without.updates) == 9
+
+
+def test_cancel_inside_a_step_reraises_comfyuis_interrupt(prior, monkeypatch):
+    """ComfyUI's check is called between the prior's blocks, so Cancel stops a long step early."""
+    calls = {"n": 0}
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == 4:  # the node's check at start; in the forward: before block 1, inside
+            raise _Interrupted()  # it (attention | FF), then before the inner level: raise
+
+    finished, blocks = [], []
+    monkeypatch.setattr(comfy_adapter, "throw_if_interrupted", check)
+    handles = [prior.model.register_forward_hook(lambda *_: finished.append(1))]
+    handles += [m.register_forward_hook(lambda *_: blocks.append(1))
+                for m in prior.model.modules() if type(m).__name__ == "Block"]
+    try:
+        with pytest.raises(_Interrupted):
+            run_sampler(prior, steps=50)
+    finally:
+        for h in handles:
+            h.remove()
+    assert finished == [] and len(blocks) == 1, "the first forward stopped after its first block"
+
+
+def _timed_preview_run(prior, vq, monkeypatch, decode_cost, **kw):
+    """Sampler run on a fake clock (0.25 s per model call, ``decode_cost`` s per decode); returns
+    the token grids the previews decoded and the previews the progress bar got."""
+    t = {"now": 0.0}
+    bars, decoded = [], []
+    monkeypatch.setattr(sampler_node, "clock", lambda: t["now"])
+    monkeypatch.setattr(comfy_adapter, "progress_bar", lambda total: bars.append(_Bar(total)) or bars[-1])
+    whole = type(vq.model).decode.__get__(vq.model)  # the real one, also on a second call
+
+    def decode(tokens, **k):
+        decoded.append(tuple(tokens.shape))
+        t["now"] += decode_cost
+        return whole(tokens, **k)
+
+    monkeypatch.setattr(vq.model, "decode", decode)
+    handle = prior.model.register_forward_hook(lambda *_: t.__setitem__("now", t["now"] + 0.25))
+    try:
+        run_sampler(prior, vqgan=vq, **kw)
+    finally:
+        handle.remove()
+    return decoded, [u[2] for u in bars[0].updates if u[2] is not None]
+
+
+def test_previews_decode_a_downscaled_view(prior, vq, monkeypatch):
+    monkeypatch.setattr(sampler_node, "PREVIEW_MAX_SIZE", 16)  # 28 px image: every 2nd token
+    decoded, previews = _timed_preview_run(prior, vq, monkeypatch, 0.0, steps=5)
+    assert decoded == [(1, 4, 4), (1, 4, 4)]  # steps 1 and 5, the 7x7 grid at stride 2
+    assert previews[0][2] == 16 and previews[0][1].size == (14, 14)
+
+
+def test_downscaled_preview_keeps_a_pixel_codecs_interleaved_channels(monkeypatch):
+    codec = PixelCodec(16, channels=3)  # tokens [b, H, W*3]: R, G, B interleaved along the width
+    monkeypatch.setattr(sampler_node, "PREVIEW_MAX_SIZE", 2)  # a 4x4 image: every 2nd pixel
+    tokens = torch.randint(0, 16, (1, 4, 12))
+    progress = sampler_node._Progress(3, CodecHandle(codec, "px", CPU, torch.float32), TokenBatch(tokens, None, None))
+    _fmt, pil, _size = progress._decode_preview(tokens)
+    assert pil.size == (2, 2)
+    seen = torch.tensor(np.asarray(pil), dtype=torch.float32) / 255 * 2 - 1
+    torch.testing.assert_close(seen, rearrange(codec.decode(tokens)[0, :, ::2, ::2], "c h w -> h w c"),
+                               atol=0.01, rtol=0)
+
+
+def test_previews_that_cost_too_much_get_coarser_and_rarer(prior, vq, monkeypatch):
+    # a decode costs 0.12 s, half of a 0.25 s step: each preview halves the resolution of the
+    # next, and the next comes only 10x its cost later (1.2 s: steps 1, 6, 11 of 12)
+    decoded, _ = _timed_preview_run(prior, vq, monkeypatch, 0.12, steps=12)
+    assert [d[1] for d in decoded] == [7, 4, 2]
+    # 0.32 s per decode: 3.2 s apart (steps 1 and 14 of 16; the 1 s interval alone gives 4)
+    decoded, _ = _timed_preview_run(prior, vq, monkeypatch, 0.32, steps=16)
+    assert [d[1] for d in decoded] == [7, 4]
+
+
+@pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), torch.OutOfMemoryError("CUDA out of memory (fake)")])
+def test_out_of_memory_in_a_preview_skips_previews_not_the_run(prior, vq, monkeypatch, error, caplog):
+    calls = []
+
+    def oom(tokens, **k):
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(vq.model, "decode", oom)
+    expected = run_sampler(prior, steps=6)
+    with caplog.at_level("WARNING"):
+        out = run_sampler(prior, steps=6, vqgan=vq)
+    assert torch.equal(out.tokens, expected.tokens)  # the run completed, same tokens
+    assert calls == [1], "after one out-of-memory error no further preview is tried"
+    assert sum("previews are off" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(vq.model, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):  # other errors are not hidden
+        run_sampler(prior, steps=2, vqgan=vq)
 
 
 def test_nodes_keep_no_state_and_inputs_stay_untouched(prior, vq):

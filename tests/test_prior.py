@@ -20,7 +20,10 @@ from comfyui_sundae.sundae_lib.layers import (
     ResampleDown,
     ResampleUp,
     Rotary2D,
+    check_interrupt,
     grid_positions,
+    interrupt_check,
+    rowwise,
 )
 from comfyui_sundae.sundae_lib.prior import Hourglass
 from einops import rearrange
@@ -506,3 +509,135 @@ def test_unvalidated_forward_equals_validated_forward():
         assert torch.equal(prior(tokens, labels), prior(tokens, labels, validate=False))
         assert torch.equal(prior(tokens, None), prior(tokens, None, validate=False))
         assert torch.equal(prior(tokens, torch.full((3,), -1)), prior(tokens, None, validate=False))
+
+
+# --------------------------------------------------------------------------------------------
+# cancel inside a forward
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_forward(prior: SundaePrior, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The forward written out from the submodules, as it was before the interrupt hook: the
+    hook must not change a single bit."""
+
+    def stack(module, x):
+        _, h, w, _ = x.shape
+        if len(module.layers) == 0:
+            return x
+        rot = module.rotary.grid(h, w, stride=module.stride, device=x.device)
+        x = rearrange(x, "b h w d -> b (h w) d")
+        for layer in module.layers:
+            x = layer(x, rot)
+        return rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
+
+    def level(module, x):
+        if not isinstance(module, Hourglass):
+            return stack(module, x)
+        s = module.factor
+        _, h, w, _ = x.shape
+        x = stack(module.pre, x)
+        fine = F.pad(x, (0, 0, 0, (-w) % s, 0, (-h) % s))
+        coarse = module.down(rearrange(fine, "b (hc s1) (wc s2) d -> b hc wc (d s1 s2)", s1=s, s2=s))
+        coarse = level(module.valley, module.resample_down(coarse, fine, (h, w)))
+        up = rearrange(module.up(coarse), "b hc wc (d s1 s2) -> b (hc s1) (wc s2) d", s1=s, s2=s)
+        up = module.resample_up(up + fine, coarse)
+        return stack(module.post, up[:, :h, :w])
+
+    labels = torch.where(labels < 0, torch.full_like(labels, prior.num_classes), labels)
+    x = prior.token_emb(tokens) + rearrange(prior.class_emb(labels), "b d -> b 1 1 d")
+    return prior.to_logits(prior.norm_out(level(prior.body, x)))
+
+
+def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
+    torch.manual_seed(0)
+    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
+    calls = []
+    with torch.no_grad():
+        plain = prior(tokens, labels)
+        with interrupt_check(lambda: calls.append(1)):
+            hooked = prior(tokens, labels)
+        reference = _reference_forward(prior, tokens, labels)
+    assert torch.equal(plain, reference) and torch.equal(hooked, reference)
+    # 2 per block (before it, between attention and FF) for the 5 blocks (pre, inner pre,
+    # valley, inner post, post) + 2 per level (2 levels) + 1 before the logits
+    assert len(calls) == 2 * 5 + 2 * 2 + 1
+    with torch.no_grad():
+        prior(tokens, labels)
+    assert len(calls) == 15, "the check is uninstalled when the with block ends"
+
+
+def test_interrupt_check_raising_stops_the_forward_mid_way():
+    prior = tiny(depth=TWO_LEVELS)
+    ran = []
+    for m in prior.modules():
+        if type(m).__name__ == "Block":
+            m.register_forward_hook(lambda *_: ran.append("block"))
+    prior.to_logits.register_forward_hook(lambda *_: ran.append("logits"))
+    calls = {"n": 0}
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise Cancelled()
+
+    # checks: 1 before block 1, 2 inside it, 3 before the inner level, 4 before block 2 (the
+    # inner level's first), 5 between its attention and its FF
+    for stop_at, blocks in [(4, ["block"]), (5, ["block"]), (6, ["block", "block"])]:
+        ran.clear()
+        calls["n"] = 0
+        with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
+            prior(rand_tokens(1, 8, 8))
+        assert ran == blocks, f"blocks after the check that raised must not run ({stop_at=})"
+
+
+def test_long_layers_are_split_for_cancel_with_the_same_numbers(monkeypatch):
+    """At huge grids one attention, FF or logits matmul runs for minutes on a CPU: with a check
+    installed they go through in row chunks, a check between chunks, computing the same bits."""
+    from comfyui_sundae.sundae_lib import layers
+
+    torch.manual_seed(0)
+    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
+    with torch.no_grad():
+        plain = prior(tokens, labels)
+        monkeypatch.setattr(layers, "CHUNK_MACS", 4096)  # a few rows per chunk at this size
+        calls = []
+        with interrupt_check(lambda: calls.append(1)):
+            chunked = prior(tokens, labels)
+        unhooked = prior(tokens, labels)  # no check installed: never split
+    assert torch.equal(chunked, plain) and torch.equal(unhooked, plain)
+    assert len(calls) > 2 * 15, f"only {len(calls)} checks: the layers were not split"
+    ran = {"n": 0}
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        ran["n"] += 1
+        if ran["n"] == 3:  # inside the first block's attention
+            raise Cancelled()
+
+    with torch.no_grad(), pytest.raises(Cancelled), interrupt_check(check):
+        prior(tokens, labels)
+
+
+def test_interrupt_hook_leaves_torch_compile_graphs_whole():
+    """The trainer compiles the objective: the hook (a context variable dynamo cannot trace)
+    must not break the graph at every block; compiled code skips it."""
+
+    def step(x):
+        check_interrupt()
+        return rowwise(lambda t: t + 1, x, macs_per_row=2**40)  # would split in eager mode
+
+    calls = []
+    torch._dynamo.reset()
+    with interrupt_check(lambda: calls.append(1)):
+        explained = torch._dynamo.explain(step)(torch.ones(64, 2))
+        calls.clear()
+        step(torch.ones(64, 2))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons][:2]
+    assert len(calls) == 1 + 64 // 16, "the eager call checks (and splits the rows)"

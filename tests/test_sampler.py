@@ -466,6 +466,31 @@ def test_callback_exception_cancels_and_modes_are_restored():
     assert prior.training  # mode restored even after the exception
 
 
+def test_check_interrupt_cancels_inside_a_step_and_is_uninstalled_after():
+    prior = tiny_prior().eval()
+    steps_done, checks = [], {"n": 0}
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        checks["n"] += 1
+        if checks["n"] == 18:  # the second forward (tiny depth (1, 1, 1): 9 checks per forward)
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        sample(prior, steps=5, check_interrupt=check, generator=gen(),
+               callback=lambda s, t, x: steps_done.append(s))
+    assert steps_done == [1], "the second step was stopped inside its forward"
+    with pytest.raises(ValueError, match="check_interrupt must be callable"):
+        sample(prior, steps=1, check_interrupt=3)
+    with torch.no_grad():
+        prior(torch.zeros(1, 8, 8, dtype=torch.long))
+    assert checks["n"] == 18, "the check is not left installed after sample() returns"
+    a = sample(prior, steps=3, generator=gen(), check_interrupt=lambda: None)
+    assert torch.equal(a, sample(prior, steps=3, generator=gen()))
+
+
 def test_result_is_a_normal_tensor_and_bf16_prior_samples():
     prior = tiny_prior()
     out = sample(prior, steps=2, generator=gen())

@@ -24,6 +24,7 @@ from comfyui_sundae.sundae_lib.vqgan import (
     load_vqgan_native,
     save_vqgan,
 )
+from einops import rearrange
 
 TINY = VQGANConfig.preset("tiny")
 
@@ -544,6 +545,44 @@ def test_tiled_decode_close_to_full_and_exact_when_tile_covers_grid():
     assert err < 0.2 * full.std()
     assert not torch.equal(tiled, full)
     assert (model.decode(tokens, tile=4, overlap=1) - full).abs().mean() > err  # bigger is closer
+
+
+def test_tiled_encode_equals_untiled_for_a_local_encoder():
+    """An encoder of convolutions only (no GroupNorm, no attention) whose receptive field reaches
+    < overlap // 2 tokens: keeping each token from the window it is central in must reproduce the
+    untiled tokens exactly, odd sizes (padded once, before tiling) included."""
+    torch.manual_seed(0)
+    model = _tiny()
+    z = model.config.z_channels
+    model.encoder = torch.nn.Sequential(  # f = 2, receptive field 6 px = 3 tokens wide
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(8, z, 4, stride=2, padding=1)
+    )
+    x = torch.rand(2, 3, 25, 21) * 2 - 1
+    with torch.no_grad():  # a codebook drawn from these latents, so that tokens are diverse
+        latents = rearrange(model.encode_to_latent(x), "b d h w -> (b h w) d")
+        picks = torch.randperm(latents.shape[0])[: model.codebook_size]
+        model.quantize.embedding.weight.copy_(latents[picks])
+    full = model.encode(x)
+    assert full.shape == (2, 13, 11) and full.unique().numel() > 10
+    for tile, overlap in [(6, 4), (5, 4), (8, None), (4, 3)]:
+        assert torch.equal(model.encode(x, tile=tile, overlap=overlap), full), (tile, overlap)
+    assert not torch.equal(model.encode(x, tile=4, overlap=0), full)  # seams without overlap differ
+    assert torch.equal(model.encode(x, tile=13), full)
+    with pytest.raises(ValueError, match="VQGAN.encode: overlap must be an integer in \\[0, tile=4\\)"):
+        model.encode(x, tile=4, overlap=4)
+
+
+def test_tiled_encode_of_the_taming_encoder_is_close():
+    """GroupNorm statistics and attention are per window: close, not equal (and exact when the
+    tile covers the grid)."""
+    torch.manual_seed(0)
+    model = _tiny()
+    x = torch.rand(1, 3, 32, 28) * 2 - 1
+    full = model.encode(x)
+    assert torch.equal(model.encode(x, tile=16), full)
+    tiled = model.encode(x, tile=8, overlap=4)
+    assert tiled.shape == full.shape == (1, 16, 14) and tiled.dtype == torch.long
+    assert (tiled == full).float().mean() > 0.3
 
 
 # --------------------------------------------------------------------------------------------
