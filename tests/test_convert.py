@@ -7,8 +7,6 @@ import json
 
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
-
 from comfyui_sundae.sundae_lib import (
     VQGAN,
     PriorConfig,
@@ -21,6 +19,7 @@ from comfyui_sundae.sundae_lib import (
 )
 from comfyui_sundae.sundae_lib._helpers import file_sha256
 from comfyui_sundae.trainer.cli import main
+from safetensors import safe_open
 
 
 def _dtypes(path):

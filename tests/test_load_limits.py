@@ -32,13 +32,7 @@ from comfyui_sundae.sundae_lib.safe_pickle import CheckpointSizeError, safe_torc
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Spy:

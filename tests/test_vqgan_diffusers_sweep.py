@@ -23,12 +23,7 @@ DOWN, ATTN_DOWN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 UP, ATTN_UP = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
