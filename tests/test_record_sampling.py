@@ -86,3 +86,16 @@ def test_loaders_take_shipped_names():
         assert "no-such-model" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("an unknown name must be refused")
+
+
+def test_shipped_models_record_no_machine_paths():
+    """Shipped metadata must mean the same on every machine: no absolute or home paths."""
+    from comfyui_sundae.sundae_lib._helpers import SHIPPED_DIR
+
+    files = sorted(SHIPPED_DIR.glob("*/*.safetensors"))
+    assert len(files) >= 5
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        for key, value in meta.items():
+            assert not any(p in value for p in ("/work/", "/home/", "/root/", "/tmp/", ":\\")), (path.name, key, value)
