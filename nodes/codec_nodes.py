@@ -19,8 +19,9 @@ class SundaeEncode:
     DESCRIPTION = (
         "Encodes images into VQ-GAN tokens (one token per factor × factor pixel cell) for "
         "inpainting and variations. Sizes that are not a multiple of the codec factor are "
-        "padded by repeating the edge (right and bottom) and cropped back by VQ-GAN Decode. If the "
-        "device (GPU or CPU) runs out of memory, the image is encoded in tiles, halved until it fits."
+        "padded by repeating the edge (right and bottom) and cropped back by VQ-GAN Decode. Large "
+        "images can be encoded in tiles to save memory; if the device (GPU or CPU) runs out of "
+        "memory the tile is halved until it fits."
     )
     CATEGORY = "sundae"
     RETURN_TYPES = (TOKENS_TYPE,)
@@ -34,15 +35,24 @@ class SundaeEncode:
             "required": {
                 "vqgan": (VQGAN_TYPE, {"tooltip": "The codec to encode with: the one the prior was trained on."}),
                 "image": ("IMAGE", {"tooltip": "The images to encode (a larger image gives more tokens)."}),
+                "tile_size": (
+                    "INT",
+                    {
+                        "default": 0, "min": 0, "max": 8192, "step": 64,
+                        "tooltip": "Encode in overlapping tiles of this many pixels per side (0 = the "
+                        "whole image at once); smaller tiles use less memory; each token comes from "
+                        "the tile it is most central in.",
+                    },
+                ),
             }
         }
 
-    def encode(self, vqgan: CodecHandle, image: torch.Tensor):
+    def encode(self, vqgan: CodecHandle, image: torch.Tensor, tile_size: int = 0):
         x, size = image_to_codec(image, vqgan, node="SundaeEncode")
         grid_px = max(x.shape[-2:])
         tokens = with_tile_fallback(
             lambda tile: vqgan.model.encode(x, tile=max(1, tile // vqgan.factor)) if tile else vqgan.model.encode(x),
-            grid_px, 0, node="SundaeEncode",
+            grid_px, tile_size, node="SundaeEncode",
         )
         batch = TokenBatch(
             tokens=tokens.to("cpu", torch.long), mask=None, factor=vqgan.factor, image_size=size,

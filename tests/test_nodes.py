@@ -254,6 +254,21 @@ def test_encode_tiles_when_out_of_memory(vq, monkeypatch):
     assert calls == [None]
 
 
+def test_encode_tile_size_widget_tiles(vq, monkeypatch):
+    """tile_size > 0 encodes in tiles of that many pixels (as Decode's widget does); 0 = whole."""
+    from comfyui_sundae.nodes.codec_nodes import SundaeEncode
+
+    image = torch.rand(1, 128, 120, 3)
+    whole = vq.model.encode
+    calls = []
+    monkeypatch.setattr(vq.model, "encode", lambda x, tile=None: calls.append(tile) or whole(x, tile=tile))
+    (tiled,) = SundaeEncode().encode(vq, image, tile_size=64)
+    (plain,) = SundaeEncode().encode(vq, image, tile_size=0)
+    assert calls == [16, None]  # 64 px tiles = 16 tokens at factor 4, then the whole image
+    assert tiled.tokens.shape == plain.tokens.shape == (1, 32, 30)
+    assert "tile_size" in SundaeEncode.INPUT_TYPES()["required"]
+
+
 def test_decode_rejects_tokens_of_another_codec(vq):
     small = CodecHandle(PixelCodec(16), "pixels (16 levels, grey)", CPU, torch.float32)
     tb = TokenBatch(torch.full((1, 4, 4), 200, dtype=torch.long), None, 1)
