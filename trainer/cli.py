@@ -350,7 +350,9 @@ def sampling_options(fn):
         click.option("--min-steps", type=int, help="Steps before early stopping may freeze a sample."),
         click.option("--early-stop/--no-early-stop", default=None),
         click.option("--class", "-k", "klass", metavar="ID|NAME|null",
-                     help="Class (id or label name; 'null' = unconditional). Default: cycle through classes."),
+                     help="Class (id or label name; 'null' = unconditional). Default: sample cycles through "
+                          "the classes; inpaint uses 'auto', the class under which the prior finds the kept "
+                          "part most likely."),
         click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale (1 = off)."),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Images per sampler call."),

@@ -175,6 +175,34 @@ def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
     return torch.full((n,), k, dtype=torch.long)
 
 
+@torch.no_grad()
+def guess_class(prior, tokens: torch.Tensor, mask: torch.Tensor, *, seed: int = 0, draws: int = 4,
+                keep_share: float = 0.5) -> tuple[int, list[float]]:
+    """The class under which ``prior`` finds the kept (unmasked) tokens most likely: each draw
+    replaces the masked tokens and a random ``keep_share`` of the kept ones by random codes, and
+    scores every class by the mean log-probability the prior gives the true values of those
+    corrupted kept tokens (a denoising estimate of log p(kept part | class)). ``tokens``
+    ``[1, h, w]``, ``mask`` ``[1, h, w]`` bool (True = regenerate). Returns ``(class, scores)``."""
+    num, k = int(prior.num_classes), int(prior.codebook_size)
+    dev = tokens.device
+    gen = torch.Generator().manual_seed(seed)
+    t0 = tokens.reshape(1, *tokens.shape[-2:]).long().cpu()
+    m = mask.reshape(1, *mask.shape[-2:]).bool().cpu()
+    totals = torch.zeros(num, dtype=torch.float64)
+    for _ in range(draws):
+        hide = m | ((torch.rand(t0.shape, generator=gen) < keep_share) & ~m)
+        scored = hide & ~m
+        if not scored.any():
+            scored = ~m
+        noisy = torch.where(hide, torch.randint(0, k, t0.shape, generator=gen), t0)
+        batch = noisy.expand(num, -1, -1).to(dev)
+        logp = torch.log_softmax(prior(batch, torch.arange(num, device=dev)).float(), dim=-1)
+        true = logp.gather(-1, t0.expand(num, -1, -1).to(dev)[..., None])[..., 0].cpu()
+        totals += true[:, scored[0]].double().mean(dim=1)
+    scores = (totals / draws).tolist()
+    return int(max(range(num), key=lambda c: scores[c])), scores
+
+
 def prior_dtype(precision: str, device: torch.device) -> torch.dtype:
     """``--precision`` -> the dtype the prior's weights run in: ``auto`` =
     ``sundae_lib.preferred_dtype(device)``; explicit choices as asked (with the trainer's checks:
@@ -341,8 +369,14 @@ def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, mo
     if not tm.any():
         raise ValueError("the mask covers no token: nothing to inpaint (white = regenerate)")
     kwargs = _sampler_kwargs(defaults, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
-    labels = _labels(klass if klass is not None else "null", prior, num) if prior.num_classes else None
     gen = torch.Generator(device=dev).manual_seed(seed)
+    if prior.num_classes and klass in (None, "auto"):
+        best, scores = guess_class(prior, tokens, tm, seed=seed)
+        names = {v: k for k, v in label_names(prior.metadata, int(prior.num_classes)).items()}
+        logger.info("--class auto: %s (%d); the kept part's log-likelihood per class: %s", names.get(best, best), best,
+                    ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in enumerate(scores)))
+        klass = str(best)
+    labels = _labels(klass, prior, num) if prior.num_classes else None
     results = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
