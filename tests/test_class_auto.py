@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from comfyui_sundae.sundae_lib import load_prior, load_vqgan
 from comfyui_sundae.trainer.sample_cmd import guess_class
 
