@@ -1,0 +1,276 @@
+"""Our SUNDAE prior against the official ``vvvm23/sundae-vqgan`` prior: same configurations, same
+parameter count (checked within 1%), alternating, in one run; prints the ratio table.
+
+Cases (random weights; speed does not depend on training):
+
+- ``ffhq256`` forward, batch 4 (the paper's FFHQ-256 prior: D 1024, 8 heads, depth (2, 10, 2),
+  16×16 tokens, 1024 codes; 178.4M parameters);
+- ``ffhq1024`` forward, batch 1 (D 1024, depth (2, 12, 2), 32×32 tokens, 8192 codes; 214.1M),
+  with the achieved share of the matmul peak measured in the same run;
+- ``small`` 20-step sampling, batch 4, early stop off (D 256, 4 heads, depth (2, 8, 2); 12.1M),
+  T 1.0 → 0.7, every token redrawn each step, on both sides.
+
+Each in fp32 and bf16 (both models' weights cast to bf16, as ``sample()`` runs a bf16 prior).
+Every measurement runs in a fresh worker process (one warm-up, then ``--reps`` timed calls, the
+median kept); the official and our workers alternate, ``--rounds`` times, and the table shows the
+median over rounds. Ours runs as a user gets it (``ours``: eager) and, with ``--compile``, also
+through ``torch.compile`` (``ours+compile``; compile time reported apart, not in the step time).
+
+Setup, once (the official code is never committed to this repository):
+
+    git clone https://github.com/vvvm23/sundae-vqgan ~/sundae-vqgan
+    python -m venv ~/official-venv
+    ~/official-venv/bin/pip install torch==2.13.0 einops rotary-embedding-torch==0.1.5 \
+        performer-pytorch tqdm
+
+Run alone on the machine (no other heavy processes; two cores are little), from the repository:
+
+    SUNDAE_OFFICIAL_REPO=~/sundae-vqgan SUNDAE_OFFICIAL_PYTHON=~/official-venv/bin/python \
+        python benchmarks/vs_official.py --threads 2 --rounds 3
+
+``SUNDAE_OFFICIAL_PYTHON`` defaults to this interpreter (then it needs the packages above).
+Prints the CPU model, its bf16/AMX flags, torch version and threads beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (official HourglassTransformerLM kwargs, our preset, grid side)
+CONFIGS = {
+    "ffhq256": (dict(num_tokens=1024, dim=1024, heads=8, depth=(2, 10, 2)), "ffhq256", 16),
+    "ffhq1024": (dict(num_tokens=8192, dim=1024, heads=8, depth=(2, 12, 2)), "ffhq1024", 32),
+    "small": (dict(num_tokens=1024, dim=256, heads=4, depth=(2, 8, 2)), "small", 16),
+}
+# (config, mode, batch): mode "forward" = one prior call, "sample20" = 20 sampling steps
+CASES = [("ffhq256", "forward", 4), ("ffhq1024", "forward", 1), ("small", "sample20", 4)]
+SAMPLE = dict(steps=20, t_start=1.0, t_end=0.7)
+
+
+# --------------------------------------------------------------------------------------------
+# workers (each in its own process)
+# --------------------------------------------------------------------------------------------
+
+
+def _time(fn, reps: int) -> tuple[float, float]:
+    """(warm-up seconds, median seconds of ``reps`` timed calls)."""
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return warm, statistics.median(times)
+
+
+def _official(case: dict):
+    import torch
+
+    repo = os.environ.get("SUNDAE_OFFICIAL_REPO")
+    if not repo or not (Path(repo) / "hourglass_transformer_pytorch").is_dir():
+        raise SystemExit(f"SUNDAE_OFFICIAL_REPO={repo!r} is not a checkout of vvvm23/sundae-vqgan "
+                         "(it must hold hourglass_transformer_pytorch/); see the setup in this "
+                         "file's docstring")
+    sys.path.insert(0, repo)
+    import warnings
+
+    warnings.filterwarnings("ignore")  # its sample() is decorated with a CUDA-only autocast
+    from hourglass_transformer_pytorch import HourglassTransformerLM
+
+    kwargs, _, side = CONFIGS[case["config"]]
+    model = HourglassTransformerLM(
+        max_seq_len=side * side, shorten_factor=4, causal=False, rotary_pos_emb=True,
+        attn_type="vanilla", updown_sample_type="linear", **kwargs).eval()
+    model = model.to(getattr(torch, case["dtype"]))
+    b = case["batch"]
+    if case["mode"] == "forward":
+        tokens = torch.randint(0, kwargs["num_tokens"], (b, side * side))
+
+        def run():
+            with torch.inference_mode():
+                model(tokens)
+    else:
+        def run():
+            model.sample(SAMPLE["steps"], b, SAMPLE["t_start"], 1.0, "cpu",
+                         end_temperature=SAMPLE["t_end"], end_sample_proportion=1.0,
+                         early_stop=False)
+    return model, run
+
+
+def _ours(case: dict, compiled: bool):
+    import torch
+
+    sys.path.insert(0, str(HERE.parent.parent))
+    try:
+        from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, sample
+    except ImportError as exc:
+        raise SystemExit(f"cannot import comfyui_sundae ({exc}); run from a venv where the "
+                         "repository is installed (pip install -e .)") from exc
+    _, preset, side = CONFIGS[case["config"]]
+    model = SundaePrior(PriorConfig.preset(preset)).eval().to(getattr(torch, case["dtype"]))
+    b = case["batch"]
+    net = torch.compile(model, dynamic=False) if compiled else model
+    if case["mode"] == "forward":
+        tokens = torch.randint(0, model.codebook_size, (b, side, side))
+
+        def run():
+            with torch.inference_mode():
+                net(tokens)
+    else:
+        def run():
+            sample(net, batch_size=b, steps=SAMPLE["steps"],
+                   temperature=(SAMPLE["t_start"], SAMPLE["t_end"]), update_proportion=1.0,
+                   early_stop=False, min_steps=0, cfg_scale=1.0, labels=None,
+                   generator=torch.Generator().manual_seed(0))
+    return model, run
+
+
+def worker(side: str, case: dict, reps: int, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, run = _official(case) if side == "official" else _ours(case, side == "ours+compile")
+    warm, seconds = _time(run, reps)
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps(dict(seconds=seconds, warmup=warm, params=params,
+                          threads=torch.get_num_threads(), torch=torch.__version__)))
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_description() -> str:
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in text.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("Flags:"):
+                have = line.split(":", 1)[1].split()
+                flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                             "amx_tile") if f in have)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"{model} [{flags or 'flags unknown'}], {os.cpu_count()} logical CPUs"
+
+
+def run_worker(python: str, side: str, case: dict, args) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--case", json.dumps(case),
+           "--reps", str(args.reps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{side} worker failed for {case}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_gflops(dtype_name: str, threads: int | None) -> float:
+    """Best of square matmuls (1024², 2048²) and a Linear at this dtype, GFLOP/s."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    best = 0.0
+    with torch.inference_mode():
+        for n in (1024, 2048):
+            a, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            for fn in (lambda: a @ w, lambda: torch.nn.functional.linear(a, w)):
+                _, sec = _time(fn, 8)
+                best = max(best, 2 * n**3 / sec / 1e9)
+    return best
+
+
+def forward_gflop(config: str, batch: int) -> float:
+    """Our forward's FLOPs (matmuls by FlopCounterMode, attention analytically)."""
+    import torch
+    from bench_prior import forward_flops
+
+    from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior
+
+    _, preset, side = CONFIGS[config]
+    model = SundaePrior(PriorConfig.preset(preset)).eval()
+    return forward_flops(model, (side, side), batch) / 1e9
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", choices=["official", "ours", "ours+compile"], help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per worker")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--cases", default=",".join(f"{c}:{m}:{b}" for c, m, b in CASES),
+                   help="config:mode:batch,... (modes: forward, sample20)")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, json.loads(args.case), args.reps, args.threads)
+
+    official_python = os.environ.get("SUNDAE_OFFICIAL_PYTHON", sys.executable)
+    cases = [(c, m, int(b)) for c, m, b in (s.split(":") for s in args.cases.split(","))]
+    for config, mode, _ in cases:
+        if config not in CONFIGS or mode not in ("forward", "sample20"):
+            raise SystemExit(f"--cases: unknown {config}:{mode}; configs {sorted(CONFIGS)}, "
+                             "modes forward, sample20")
+    sides = ["official", "ours"] + (["ours+compile"] if args.compile else [])
+    import torch
+
+    print(f"# {cpu_description()}; torch {torch.__version__}; threads "
+          f"{args.threads or torch.get_num_threads()}; {args.rounds} alternating rounds × "
+          f"{args.reps} timed calls per worker")
+    peaks = {d: peak_gflops(d, args.threads) for d in args.dtypes.split(",")}
+    print("# matmul peak: " + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peaks.items()))
+    header = ("| case | dtype | official s | ours s | official / ours |"
+              + (" ours+compile s | official / ours+compile | compile s |" if args.compile else "")
+              + " GFLOP | ours % of peak |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for config, mode, batch in cases:
+        gflop = forward_gflop(config, batch) if mode == "forward" else None
+        for dtype in args.dtypes.split(","):
+            case = dict(config=config, mode=mode, batch=batch, dtype=dtype)
+            got: dict[str, list[dict]] = {s: [] for s in sides}
+            for _ in range(args.rounds):
+                for side in sides:
+                    got[side].append(run_worker(official_python if side == "official"
+                                                else sys.executable, side, case, args))
+            params = {s: got[s][0]["params"] for s in sides}
+            if abs(params["ours"] - params["official"]) > 0.01 * params["official"]:
+                raise SystemExit(f"{config}: parameter counts differ by more than 1%: {params}")
+            sec = {s: statistics.median(r["seconds"] for r in got[s]) for s in sides}
+            cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
+                     .replace("float32", "fp32"), f"{sec['official']:.3f}", f"{sec['ours']:.3f}",
+                     f"{sec['official'] / sec['ours']:.2f}×"]
+            if args.compile:
+                comp = statistics.median(r["warmup"] for r in got["ours+compile"])
+                cells += [f"{sec['ours+compile']:.3f}",
+                          f"{sec['official'] / sec['ours+compile']:.2f}×", f"{comp:.0f}"]
+            best = min(sec[s] for s in sides if s != "official")
+            cells += [f"{gflop:.1f}" if gflop else "-",
+                      f"{100 * gflop / best / peaks[dtype]:.0f}%" if gflop else "-"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"# parameters: official {params['official']:,}, ours {params['ours']:,} (last case)")
+
+
+if __name__ == "__main__":
+    main()
