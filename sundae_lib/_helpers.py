@@ -1,5 +1,6 @@
 """Small shared helpers for ``sundae_lib``: native checkpoint I/O, ``hf://`` sources, atomic
-writes, strict state-dict loading and config (de)serialisation.
+writes, strict state-dict loading and config serialisation (reading configs back:
+``config_dict.py``).
 
 Everything here is plain torch / safetensors / stdlib. Model files import from here instead of
 re-implementing these pieces.
@@ -83,30 +84,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# dataclass configs
+# dataclass configs (dict -> dataclass: config_dict.config_from_dict)
 # --------------------------------------------------------------------------------------------
-
-
-def config_from_dict(cls: type, data: Mapping[str, Any], *, what: str | None = None):
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones.
-
-    Lists are turned into tuples where the field's default is a tuple, so JSON round trips give
-    equal configs."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{what or cls.__name__}: expected a mapping of settings, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"{what or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
-        )
-    return cls(**{k: _tupleize(v) for k, v in data.items()})
-
-
-def _tupleize(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_tupleize(v) for v in value)
-    return value
 
 
 def config_to_json(config: Any) -> str:

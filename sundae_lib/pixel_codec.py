@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._helpers import config_from_dict
+from .config_dict import config_from_dict
 
 PAD_MODES = ("replicate", "reflect", "constant", "error")
 

@@ -51,7 +51,6 @@ from ._helpers import (
     META_FORMAT_VERSION,
     META_MODEL_TYPE,
     check_weights_fit,
-    config_from_dict,
     config_to_json,
     hf_download,
     is_hf_source,
@@ -64,6 +63,7 @@ from ._helpers import (
     resolve_shipped,
     save_native,
 )
+from .config_dict import config_from_dict
 from .layers import (
     ResampleDown,
     ResampleUp,

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._helpers import config_from_dict, load_state_dict_strict
+from ._helpers import load_state_dict_strict
+from .config_dict import config_from_dict
 from .discriminator import (
     adopt_weight,
     build_discriminator,

@@ -37,7 +37,6 @@ from torch import nn
 
 from ._helpers import (
     check_weights_fit,
-    config_from_dict,
     config_to_json,
     load_safetensors,
     load_state_dict_strict,
@@ -45,6 +44,7 @@ from ._helpers import (
     read_safetensors_shapes,
     save_native,
 )
+from .config_dict import config_from_dict
 from .pixel_codec import (
     PixelCodec,
     PixelCodecConfig,

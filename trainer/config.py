@@ -16,8 +16,6 @@ import json
 import math
 import re
 import sys
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,121 +318,36 @@ STAGE_CLASSES: dict[str, type] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# strict dict -> dataclass with type checks
+# strict dict -> dataclass with type checks: sundae_lib.config_dict, shared with the library
+# (imported on use: importing the CLI for --help loads no sundae_lib)
 # ----------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return f"array of {len(args)} {' / '.join(sorted({_type_name(a) for a in args}))}"
-    if origin in (dict, Mapping):
-        return "table"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "table"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints widen to float, lists become tuples."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arm, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where} expects {_type_name(tp)}, got {len(value)} values: {list(value)!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} expects a table, got {value!r} ({type(value).__name__})")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(f"{where} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
 def build_dataclass(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and bad types raise a
-    :class:`ConfigError` naming the key and listing the valid ones; missing keys keep defaults."""
-    label = f"[{where}]" if where else "the top level"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{label} must be a table of settings, got {data!r} ({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        names = ", ".join(f"{where + '.' if where else ''}{k}" for k in unknown)
-        raise ConfigError(f"unknown key(s) {names} in {label}; valid keys there: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key == "model" and isinstance(value, str):  # a preset name
-            value = {"preset": value}
-        kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{label}: {exc}") from exc
+    """Build dataclass ``cls`` from the config-file table ``data`` (at dotted path ``where``;
+    ``""`` = the top level), strictly: unknown keys and bad types raise a :class:`ConfigError`
+    naming the key and listing the valid ones; missing keys keep defaults. A stage's ``model``
+    may be a preset name: ``model = "small"`` means ``[model] preset = "small"``."""
+    from ..sundae_lib.config_dict import config_from_dict
+
+    if isinstance(data, Mapping) and isinstance(data.get("model"), str):
+        data = {**data, "model": {"preset": data["model"]}}
+    return config_from_dict(cls, data, table=where, error=ConfigError)
 
 
 def validate_model_table(table: Mapping[str, Any], config_cls: type, *, section: str = "model") -> tuple[str | None, dict]:
     """Split a ``model`` table into ``(preset, overrides)`` and check the override keys against
     the library config class (``PriorConfig`` / ``VQGANConfig``; other sections have no preset)."""
+    from ..sundae_lib.config_dict import check_keys, tupleize
+
     table = dict(table)
     presets = section == "model"
     preset = table.pop("preset", None) if presets else None
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"{section}.preset expects a preset name (str), got {preset!r}")
-    valid = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)} in [{section}]; "
-            f"valid keys there: {'preset, ' if presets else ''}{', '.join(valid)}"
-        )
-    return preset, {k: _tupleize(v) for k, v in table.items()}
-
-
-def _tupleize(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_tupleize(v) for v in value)
-    return value
+    valid = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    check_keys(table, valid, table=section, also_valid=("preset",) if presets else (), error=ConfigError)
+    return preset, {k: tupleize(v) for k, v in table.items()}
 
 
 # ----------------------------------------------------------------------------------------------
