@@ -22,7 +22,7 @@ _EXPORTS = {
     "sample": "sampler",
     "interrupt_check": "layers",
     # codecs
-    "VQGANConfig": "vqgan",
+    "VQGANConfig": "vqgan_config",
     "VQGAN": "vqgan",
     "PixelCodec": "vqgan",
     "save_vqgan": "vqgan",

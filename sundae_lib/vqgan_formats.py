@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ._helpers import META_MODEL_TYPE, hf_download, parse_hf_source, read_safetensors_metadata
-from .vqgan import VQGANConfig
+from .vqgan_config import VQGANConfig
 
 logger = logging.getLogger(__name__)
 

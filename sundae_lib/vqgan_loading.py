@@ -55,7 +55,8 @@ from ._helpers import (
     safetensors_dtype,
 )
 from .safe_pickle import is_zip_checkpoint, safe_torch_load
-from .vqgan import VQGAN, VQGANConfig, load_vqgan_native
+from .vqgan import VQGAN, load_vqgan_native
+from .vqgan_config import VQGANConfig
 from .vqgan_formats import (
     DIFFUSERS_WEIGHTS,
     JSON_NAMES,

@@ -18,15 +18,12 @@ einops axis legend:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .vqgan import VQGANConfig
+from .vqgan_config import VQGANConfig
 
 # Rows of the (positions x codes) distance matrix computed at once: bounds the quantizer's
 # scratch memory to ~64 MiB of fp32 whatever the image size and codebook size.

@@ -7,6 +7,8 @@
 - An AST scan forbids absolute imports of our own subpackages and of ComfyUI's top-level names
   (they bind to ComfyUI's modules inside ComfyUI), except the adapter's guarded lazy imports.
 - ``sundae_lib`` imports with ComfyUI, click and the other layers blocked.
+- No two of our modules import each other, directly or around a loop (``TYPE_CHECKING`` and
+  function-level imports count too).
 """
 
 from __future__ import annotations
@@ -360,3 +362,97 @@ def test_sundae_lib_imports_without_comfyui_click_or_other_layers():
     res = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert int(res.stdout.strip()) >= 5
+
+
+# --------------------------------------------------------------------------------------------
+# (c) no import cycles between our modules
+# --------------------------------------------------------------------------------------------
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def relative_import_graph(files: list[Path], root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (relative imports anywhere in the file: module
+    level, ``if TYPE_CHECKING:`` and inside functions alike). ``from . import x`` depends on the
+    submodule ``x`` when there is one, else on the package (whose ``__init__`` defines ``x``)."""
+    modules = {_module_name(f, root): f for f in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = package.split(".") if package else []
+            base = base[: len(base) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{target}.{alias.name}" if target else alias.name
+                dep = sub if sub in modules else target
+                if dep in modules and dep != name:
+                    deps.add(dep)
+        graph[name] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycles():
+    graph = relative_import_graph(package_files(), REPO)
+    assert "sundae_lib.vqgan_config" in graph["sundae_lib.vqgan_modules"]
+    cycles = import_cycles(graph)
+    assert not cycles, "modules that import each other (directly or around a loop): " + "; ".join(
+        " <-> ".join(c) for c in cycles
+    )
+
+
+def test_cycle_check_catches_a_type_checking_circle(tmp_path):
+    """The checker itself: a circle closed only under ``if TYPE_CHECKING:`` (the old
+    vqgan <-> vqgan_modules one) is reported; ``from . import b`` depends on the module b."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import a\n")
+    (pkg / "a.py").write_text("from .b import B\n\nclass A: ...\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import A\n\nclass B: ...\n"
+    )
+    (pkg / "c.py").write_text("from . import b\n")
+    files = sorted(pkg.glob("*.py"))
+    graph = relative_import_graph(files, tmp_path)
+    assert graph["pkg.c"] == {"pkg.b"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b"]]
+    (pkg / "b.py").write_text("class B: ...\n")
+    assert import_cycles(relative_import_graph(files, tmp_path)) == []
