@@ -160,10 +160,12 @@ def coerce_value(value: Any, tp: Any, where: str, *, error: type[ValueError] = V
 
 def type_name(tp: Any) -> str:
     """How a config file would call the annotation ``tp``: ``float``, ``table``,
-    ``array of 2 float``, ``int or str``."""
+    ``array of 2 float``, ``array of int`` (any length), ``int or str``."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"array of {type_name(args[0])}"
         return f"array of {len(args)} {' / '.join(sorted({type_name(a) for a in args}))}"
     if origin in (dict, Mapping):
         return "table"
