@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import pathlib
 import sys
 import types
@@ -354,6 +355,16 @@ def test_taming_keys_safetensors(tmp_path):
     path = tmp_path / "taming.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     _assert_same_model(model, load_vqgan(path))
+
+
+def test_shape_pass_logs_nothing_twice(tmp_path, caplog):
+    """load_vqgan first runs on the header's declared shapes, then on the tensors: what it logs
+    (here vqgan_state_dict dropping the loss entries) appears once."""
+    path = tmp_path / "with-loss.safetensors"
+    save_file({k: v.contiguous() for k, v in _junk(_taming_model().state_dict()).items()}, str(path))
+    with caplog.at_level(logging.INFO, logger="comfyui_sundae.sundae_lib"):
+        load_vqgan(path)
+    assert sum("ignoring non-VQ entries ['loss']" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_vq_diffusion_pth_bare_codebook_and_ema(tmp_path):
