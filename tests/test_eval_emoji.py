@@ -1,5 +1,6 @@
-"""Pure helpers of benchmarks/eval_emoji.py on hand-made inputs whose answers are worked out by
-hand (the benchmark itself needs the trained models and is run by hand)."""
+"""Pure helpers of benchmarks/eval_emoji.py (and its emoji_metrics.py) on hand-made inputs whose
+answers are worked out by hand (the benchmark itself needs the trained models and is run by
+hand)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch
 
 @pytest.fixture(scope="module")
 def ev(repo_root):
-    path = repo_root / "benchmarks" / "eval_emoji.py"
-    spec = importlib.util.spec_from_file_location("eval_emoji", path)
+    folder = str(repo_root / "benchmarks")
+    sys.path.insert(0, folder)  # as `python benchmarks/eval_emoji.py` has it: finds emoji_metrics
+    spec = importlib.util.spec_from_file_location("eval_emoji", repo_root / "benchmarks" / "eval_emoji.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["eval_emoji"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("eval_emoji", None)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("eval_emoji", None)
+        sys.modules.pop("emoji_metrics", None)
+        sys.path.remove(folder)
 
 
 def test_frechet_one_dimension(ev):
