@@ -198,7 +198,7 @@ def peak_gflops(dtype_name: str, threads: int | None) -> float:
     with torch.inference_mode():
         for n in (1024, 2048):
             a, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            for fn in (lambda: a @ w, lambda: torch.nn.functional.linear(a, w)):
+            for fn in (lambda a=a, w=w: a @ w, lambda a=a, w=w: torch.nn.functional.linear(a, w)):
                 _, secs = _time(fn, 8)
                 best = max(best, 2 * n**3 / min(secs) / 1e9)
     return best
