@@ -5,16 +5,16 @@ Per optimizer step: generator micro-batches (reconstruction L1 [+ LPIPS] + adapt
 (EMA / dead-code restart) and, from ``disc_start`` on, discriminator micro-batches on the
 detached reconstructions with the discriminator's own optimizer. The generator objective runs
 inside one DDP-wrapped module (encode, quantize, decode, loss); the discriminator is wrapped
-separately and only the bare, frozen copy is used in the generator step.
+separately and only the bare, frozen copy is used in the generator step. :func:`train_vqgan` runs
+:class:`VQGANTrainee` in the shared loop (``trainer/loop.py``: resume, run folder, checkpoints,
+eval, previews, export).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import dist
-from .checkpoint import (
-    CONFIG,
-    EMA,
-    MODEL,
-    STATE,
-    CheckpointManager,
-    disk_full_as_one_line,
-    read_checkpoint_files,
-)
-from .config import ConfigError, TrainVQGANConfig, config_to_dict, to_toml, validate_model_table
-from .data import BatchLoader, BatchOrder, make_split, open_images
+from . import dist, loop
+from .config import ConfigError, TrainVQGANConfig, config_to_dict, validate_model_table
+from .data import make_split, open_images
 from .runtime import EMA as EMAWeights
-from .runtime import (
-    MetricsLog,
-    StepTail,
-    autocast,
-    capture_rng,
-    lr_factor,
-    make_scaler,
-    progress_bar,
-    resolve_precision,
-    restore_rng,
-    run_info,
-    save_grid,
-    set_determinism,
-    to_float,
-)
+from .runtime import autocast, make_scaler, resolve_precision, save_grid, to_float
 
 logger = logging.getLogger(__name__)
 
@@ -104,223 +81,137 @@ class GeneratorObjective(nn.Module):
 
 
 def train_vqgan(cfg: TrainVQGANConfig, *, resume: str = "auto", argv: list[str] | None = None) -> dict[str, Any]:
-    info = dist.setup(cfg.run.device)
-    try:
-        return _train(cfg, info, resume, argv)
-    finally:
-        dist.cleanup()
+    """Train a VQ-GAN as ``cfg`` says (see :func:`~.loop.run_training` for the summary dict)."""
+    return loop.run_training(cfg, VQGANTrainee, resume=resume, argv=argv)
 
 
-def _train(cfg: TrainVQGANConfig, info: dist.DistInfo, resume: str, argv) -> dict[str, Any]:
-    from ..sundae_lib import VQGAN, save_vqgan
-    from ..sundae_lib.lpips import make_perceptual_loss
-    from ..sundae_lib.vq_losses import VQGANLoss
+class VQGANTrainee:
+    """A VQ-GAN for :func:`~.loop.run_training`: the generator objective in one DDP-wrapped
+    module, the discriminator (wrapped apart) with its own optimizer and loss scale, the
+    codebook remedy's restart generator (the same on every rank), native VQ-GAN files."""
 
-    run, opt = cfg.run, cfg.optim
-    device = info.device
-    set_determinism(run.deterministic)
-    torch.manual_seed(run.seed)
-    out = Path(run.out_dir)
-    ds = open_images(cfg.data, seed=run.seed)
-    vq_cfg = resolve_vqgan_config(cfg.model, ds.channels)
-    loss_cfg = resolve_loss_config(cfg.loss, ds.channels)
-    resolved = config_to_dict(cfg)
-    resolved["model"] = dataclasses.asdict(vq_cfg)
-    resolved["loss"] = dataclasses.asdict(loss_cfg)
-    split = make_split(ds.group_ids(), cfg.data)
+    names = loop.Names("vqgan", "VQ-GAN", preview="recon-", loss="train/total_loss",
+                       postfix=("rec", "train/rec_loss"), score="eval/rec_loss")
 
-    model = VQGAN(vq_cfg).to(device).train()
-    perceptual = make_perceptual_loss(cfg.perceptual.lpips or None, logger, vgg=cfg.perceptual.vgg or None)
-    vq_loss = VQGANLoss(loss_cfg, perceptual=perceptual, n_embed=vq_cfg.n_embed, embed_dim=vq_cfg.embed_dim).to(device)
-    if "ema" in loss_cfg.codebook_remedy:  # the EMA owns the codebook: no gradient
-        model.quantize.embedding.weight.requires_grad_(False)
-    disc = vq_loss.discriminator
-    ema = EMAWeights(model, opt.ema_decay) if opt.ema_decay > 0 else None
-    objective: nn.Module = GeneratorObjective(model, vq_loss)
-    disc_run: nn.Module = disc
-    if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        disc_run = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
-    amp_dtype, use_scaler = resolve_precision(run.precision, device)
-    scaler_g, scaler_d = make_scaler(use_scaler, device), make_scaler(use_scaler, device)
-    g_params = [p for p in model.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(g_params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=opt.disc_lr or opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    def __init__(self, cfg: TrainVQGANConfig, info: dist.DistInfo) -> None:
+        from ..sundae_lib import VQGAN
+        from ..sundae_lib.lpips import make_perceptual_loss
+        from ..sundae_lib.vq_losses import VQGANLoss
 
-    def factor(s: int) -> float:
-        return lr_factor(s, warmup=opt.warmup_steps, schedule=opt.schedule, max_steps=run.max_steps, min_ratio=opt.min_lr_ratio)
+        run, opt = cfg.run, cfg.optim
+        device = info.device
+        self.cfg, self.info, self.device = cfg, info, device
+        self.ds = ds = open_images(cfg.data, seed=run.seed)
+        self.vq_cfg = vq_cfg = resolve_vqgan_config(cfg.model, ds.channels)
+        self.loss_cfg = loss_cfg = resolve_loss_config(cfg.loss, ds.channels)
+        self.resolved = config_to_dict(cfg)
+        self.resolved["model"] = dataclasses.asdict(vq_cfg)
+        self.resolved["loss"] = dataclasses.asdict(loss_cfg)
+        self.split = make_split(ds.group_ids(), cfg.data)
 
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
-    d_lr = opt.disc_lr or opt.lr  # set by hand each step (the discriminator starts late)
-    order = BatchOrder(split.train, opt.batch_size, rank=info.rank, world_size=info.world_size, seed=run.seed)
-    loader = BatchLoader(ds, order, num_workers=run.num_workers, pin_memory=device.type == "cuda")
-    restart_gen = torch.Generator().manual_seed(run.seed + 7)  # same on every rank
-    generators = {"restart": restart_gen}
+        self.model = model = VQGAN(vq_cfg).to(device).train()
+        perceptual = make_perceptual_loss(cfg.perceptual.lpips or None, logger, vgg=cfg.perceptual.vgg or None)
+        self.vq_loss = VQGANLoss(loss_cfg, perceptual=perceptual, n_embed=vq_cfg.n_embed, embed_dim=vq_cfg.embed_dim).to(device)
+        if "ema" in loss_cfg.codebook_remedy:  # the EMA owns the codebook: no gradient
+            model.quantize.embedding.weight.requires_grad_(False)
+        self.disc = disc = self.vq_loss.discriminator
+        self.ema = EMAWeights(model, opt.ema_decay) if opt.ema_decay > 0 else None
+        self.objective = loop.ddp_wrap(GeneratorObjective(model, self.vq_loss), info)
+        self.disc_run = loop.ddp_wrap(disc, info)
+        self.amp_dtype, use_scaler = resolve_precision(run.precision, device)
+        self.scaler_g, self.scaler_d = make_scaler(use_scaler, device), make_scaler(use_scaler, device)
+        self.g_params = [p for p in model.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.AdamW(self.g_params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+        self.opt_d = torch.optim.AdamW(disc.parameters(), lr=opt.disc_lr or opt.lr, betas=opt.betas, eps=opt.eps,
+                                       weight_decay=opt.weight_decay)
+        self.factor = loop.lr_schedule(cfg)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self.factor)
+        self.d_lr = opt.disc_lr or opt.lr  # set by hand each step (the discriminator starts late)
+        self.order, self.loader = loop.batch_stream(ds, self.split.train, cfg, info)
+        self.restart_gen = torch.Generator().manual_seed(run.seed + 7)  # same on every rank
+        self.generators = {"restart": self.restart_gen}
+        self.meta = {"sundae.label_map": json.dumps(ds.label_map)} if ds.label_map else {}
+        self.preview_idx = np.concatenate([self.split.eval, self.split.train])[: run.recon_images]  # held-out first
 
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=run.keep_last, keep_best=run.keep_best, enabled=info.is_main)
-    start, best = 0, None
-    # rank 0 picks (and reads) the newest intact checkpoint; the others read the one it picked
-    found = ckpts.open_resume(resume, read_checkpoint_files) if info.is_main else None
-    resume_from = dist.broadcast_object(str(found[0]) if found is not None else None)
-    if resume_from is not None:
-        files = found[1] if found is not None else read_checkpoint_files(Path(resume_from))
-        start, best = _load(Path(resume_from), files, model, vq_loss, ema, (opt_g, opt_d, sched_g, scaler_g, scaler_d),
-                            order, generators, info)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
-        (out / "split.json").write_text(json.dumps(split.info, indent=1) + "\n", encoding="utf-8")
-        (out / "run.json").write_text(json.dumps({**run_info(argv), "world_size": info.world_size}, indent=2) + "\n")
+    def log_summary(self) -> None:
+        cfg, split = self.cfg, self.split
         logger.info(
             "vqgan: %.2fM parameters (+%.2fM discriminator), f=%d, %d codes; %d train / %d eval images %dx%d; "
             "batch %d x %d accum x %d ranks",
-            sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in disc.parameters()) / 1e6,
-            vq_cfg.downsample_factor, vq_cfg.n_embed, len(split.train), len(split.eval), *ds.size,
-            opt.batch_size, opt.grad_accum, info.world_size,
+            sum(p.numel() for p in self.model.parameters()) / 1e6, sum(p.numel() for p in self.disc.parameters()) / 1e6,
+            self.vq_cfg.downsample_factor, self.vq_cfg.n_embed, len(split.train), len(split.eval), *self.ds.size,
+            cfg.optim.batch_size, cfg.optim.grad_accum, self.info.world_size,
         )
-    metrics = MetricsLog(out, enabled=info.is_main, tensorboard=run.tensorboard)
-    if start:
-        metrics.truncate_after(start)
-    meta = {"sundae.label_map": json.dumps(ds.label_map)} if ds.label_map else {}
-    eval_model = ema.module if ema is not None else model
-    preview_idx = np.concatenate([split.eval, split.train])[: run.recon_images]  # held-out first
 
-    def write_checkpoint(step: int, eval_loss: float | None) -> None:
-        rng_all = dist.gather_object(capture_rng(generators))
-        if not info.is_main:
-            return
-        state = {
-            "step": step,
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "sched_g": sched_g.state_dict(),
-            "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-            "loss_state": vq_loss.training_state(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "order": order.state_dict(), "rng": rng_all, "best": tail.best,
+    def train_step(self, step: int) -> loop.StepLog:
+        """Generator micro-batches and update, the codebook remedy, then (from disc_start on) the
+        discriminator on the detached reconstructions."""
+        opt, loss_cfg, device = self.cfg.optim, self.loss_cfg, self.device
+        self.opt_g.zero_grad(set_to_none=True)
+        pairs, step_log, seen = [], {}, 0
+        for micro in range(opt.grad_accum):
+            x, _ = next(self.loader)
+            x = x.to(device, non_blocking=True)
+            with loop.accumulation_sync(self.objective, self.info, micro, opt.grad_accum):
+                with autocast(device, self.amp_dtype):
+                    loss, log, recon, z_e, tokens = self.objective(x, step)
+                self.scaler_g.scale(loss / opt.grad_accum).backward()
+            pairs.append((x, recon, z_e, tokens))
+            _add_means(step_log, log, opt.grad_accum)
+            seen += x.shape[0]
+        gnorm = loop.optimizer_step(self.scaler_g, self.opt_g, self.g_params, opt.grad_clip)
+        self.sched_g.step()
+        codebook = self.model.quantize.embedding.weight
+        for _, _, z_e, tokens in pairs:
+            _add_means(step_log, self.vq_loss.codebook_step(codebook, z_e, tokens, generator=self.restart_gen), len(pairs))
+        if step >= loss_cfg.disc_start and loss_cfg.disc_factor > 0 and loss_cfg.disc_weight > 0:
+            for group in self.opt_d.param_groups:
+                group["lr"] = self.d_lr * self.factor(step)
+            self.opt_d.zero_grad(set_to_none=True)
+            for micro, (x, recon, _, _) in enumerate(pairs):
+                with loop.accumulation_sync(self.disc_run, self.info, micro, len(pairs)):
+                    with autocast(device, self.amp_dtype):
+                        d_loss, dlog = self.vq_loss.discriminator_step(x, recon, step, discriminator=self.disc_run)
+                    self.scaler_d.scale(d_loss / opt.grad_accum).backward()
+                _add_means(step_log, dlog, len(pairs))
+            loop.optimizer_step(self.scaler_d, self.opt_d, self.disc.parameters(), opt.grad_clip, measure=False)
+        return loop.StepLog(step_log, gnorm, seen)
+
+    def lr(self) -> float:
+        return self.sched_g.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+            "loss_state": self.vq_loss.training_state(),
         }
-        writers = {
-            MODEL: lambda p: save_vqgan(model, p, extra_metadata=meta),
-            STATE: lambda p: torch.save(state, p),
-            CONFIG: lambda p: Path(p).write_text(to_toml(resolved), encoding="utf-8"),
-        }
-        if ema is not None:
-            writers[EMA] = lambda p: save_vqgan(ema.module, p, extra_metadata=meta)
-        ckpts.save(step, writers, meta={**run_info(argv), "world_size": info.world_size}, eval_loss=eval_loss)
 
-    def evaluate(step: int) -> float:
-        values = _evaluate(eval_model, vq_loss, ds, split.eval, cfg, info, device, amp_dtype)
-        metrics.log(step, values)
-        return values["eval/rec_loss"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.vq_loss.load_training_state({k: v.to(self.device) for k, v in state["loss_state"].items()})
 
-    tail = StepTail(
-        run, info, has_eval=len(split.eval) > 0, evaluate=evaluate, best=best, save=write_checkpoint,
-        preview=lambda step: _preview(eval_model, ds, preview_idx, out / "samples" / f"recon-{step:08d}.png", device),
-    )
-    step, stopped = start, None
-    losses: list[float] = []
-    bar = progress_bar(run, info, start, "vqgan")
-    tic, seen, logs = time.perf_counter(), 0, []
-    with dist.StopSignal() as stop:
-        while step < run.max_steps:
-            gan_on = step >= loss_cfg.disc_start and loss_cfg.disc_factor > 0 and loss_cfg.disc_weight > 0
-            opt_g.zero_grad(set_to_none=True)
-            pairs, step_log = [], {}
-            for micro in range(opt.grad_accum):
-                x, _ = next(loader)
-                x = x.to(device, non_blocking=True)
-                sync = objective.no_sync() if info.enabled and micro < opt.grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, amp_dtype):
-                        loss, log, recon, z_e, tokens = objective(x, step)
-                    scaler_g.scale(loss / opt.grad_accum).backward()
-                pairs.append((x, recon, z_e, tokens))
-                for k, v in log.items():
-                    step_log[k] = step_log.get(k, 0.0) + to_float(v) / opt.grad_accum
-                seen += x.shape[0]
-            scaler_g.unscale_(opt_g)
-            gnorm = torch.nn.utils.clip_grad_norm_(g_params, opt.grad_clip if opt.grad_clip > 0 else float("inf"))
-            scaler_g.step(opt_g)
-            scaler_g.update()
-            sched_g.step()
-            codebook = model.quantize.embedding.weight
-            for _, _, z_e, tokens in pairs:
-                for k, v in vq_loss.codebook_step(codebook, z_e, tokens, generator=restart_gen).items():
-                    step_log[k] = step_log.get(k, 0.0) + to_float(v) / len(pairs)
-            if gan_on:
-                for group in opt_d.param_groups:
-                    group["lr"] = d_lr * factor(step)
-                opt_d.zero_grad(set_to_none=True)
-                for micro, (x, recon, _, _) in enumerate(pairs):
-                    sync = disc_run.no_sync() if info.enabled and micro < len(pairs) - 1 else contextlib.nullcontext()
-                    with sync:
-                        with autocast(device, amp_dtype):
-                            d_loss, dlog = vq_loss.discriminator_step(x, recon, step, discriminator=disc_run)
-                        scaler_d.scale(d_loss / opt.grad_accum).backward()
-                    for k, v in dlog.items():
-                        step_log[k] = step_log.get(k, 0.0) + to_float(v) / len(pairs)
-                scaler_d.unscale_(opt_d)
-                if opt.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(disc.parameters(), opt.grad_clip)
-                scaler_d.step(opt_d)
-                scaler_d.update()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            losses.append(step_log.get("train/total_loss", 0.0))
-            logs.append(step_log)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rec=f"{step_log.get('train/rec_loss', 0.0):.4f}",
-                                img_s=f"{seen * info.world_size / max(1e-9, time.perf_counter() - tic):.1f}")
-            if run.log_every and step % run.log_every == 0:
-                keys = sorted(logs[-1])
-                means = dist.all_mean([float(np.mean([entry.get(k, 0.0) for entry in logs])) for k in keys])
-                values = dict(zip(keys, means, strict=True))
-                values.update({"train/lr": sched_g.get_last_lr()[0], "train/grad_norm": float(gnorm),
-                               "train/images_per_s": seen * info.world_size / max(1e-9, time.perf_counter() - tic)})
-                metrics.log(step, values)
-                logs, tic, seen = [], time.perf_counter(), 0
-            if tail(step, stop):
-                stopped = stop.received
-                break
-    if bar is not None:
-        bar.close()
-    metrics.close()
-    export = None
-    if stopped is None and info.is_main:
-        export = out / run.export
-        with disk_full_as_one_line(f"the final model {export.name}", out):
-            save_vqgan(ema.module if ema is not None else model, export, extra_metadata=meta)
-        logger.info("saved the final VQ-GAN to %s", export)
-    dist.barrier()
-    return {"step": step, "stopped": stopped, "export": str(export) if export else None, "losses": losses,
-            "best": tail.best, "model": model, "out_dir": str(out)}
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return _evaluate(model, self.vq_loss, self.ds, self.split.eval, self.cfg, self.info, self.device, self.amp_dtype)
+
+    def preview(self, model: nn.Module, path: Path) -> None:
+        _preview(model, self.ds, self.preview_idx, path, self.device)
+
+    def save_model(self, model: nn.Module, path: str | Path, step: int) -> None:
+        from ..sundae_lib import save_vqgan
+
+        save_vqgan(model, path, extra_metadata=self.meta)
 
 
-def _load(folder: Path, files, model, vq_loss, ema, optim_parts, order, generators, info) -> tuple[int, Any]:
-    from ..sundae_lib._helpers import load_state_dict_strict
-
-    opt_g, opt_d, sched_g, scaler_g, scaler_d = optim_parts
-    weights, state = files
-    load_state_dict_strict(
-        model, weights,
-        what=f"checkpoint {folder} (saved by a run with another [model] config? use --resume never or a new --out)",
-    )
-    opt_g.load_state_dict(state["opt_g"])
-    opt_d.load_state_dict(state["opt_d"])
-    sched_g.load_state_dict(state["sched_g"])
-    scaler_g.load_state_dict(state["scaler_g"])
-    scaler_d.load_state_dict(state["scaler_d"])
-    vq_loss.load_training_state({k: v.to(next(model.parameters()).device) for k, v in state["loss_state"].items()})
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    order.load_state_dict(state["order"])
-    if len(state["rng"]) == info.world_size:
-        restore_rng(state["rng"][info.rank], generators)
-    if info.is_main:
-        logger.info("resumed from %s at step %d", folder, int(state["step"]))
-    return int(state["step"]), (tuple(state["best"]) if state.get("best") else None)
+def _add_means(total: dict[str, float], values: dict[str, Any], count: int) -> None:
+    """``total[k] += values[k] / count``: a step's log as means over its micro-batches."""
+    for k, v in values.items():
+        total[k] = total.get(k, 0.0) + to_float(v) / count
 
 
 @torch.no_grad()
@@ -328,25 +219,18 @@ def _evaluate(model, vq_loss, ds, eval_items, cfg: TrainVQGANConfig, info, devic
     """Held-out reconstruction L1 (+ LPIPS when loaded), codebook usage and perplexity."""
     from ..sundae_lib.vq_losses import codebook_usage, perplexity, reconstruction_loss
 
-    was = model.training
-    model.eval()
-    mine = eval_items[info.rank :: info.world_size]
-    bs = cfg.optim.batch_size
-    batches = [mine[i : i + bs] for i in range(0, len(mine), bs)]
-    if cfg.run.eval_batches:
-        batches = batches[: cfg.run.eval_batches]
     rec, lp, n, all_tokens = 0.0, 0.0, 0, []
-    for idx in batches:
-        x, _ = ds.get_batch(idx, 0)
-        x = x.to(device)
-        with autocast(device, amp_dtype):
-            out = model(x)
-        rec += float(reconstruction_loss(x, out.recon.float(), kind="l1")) * len(idx)
-        if vq_loss.perceptual is not None:
-            lp += float(vq_loss.perceptual(x, out.recon.float()).mean()) * len(idx)
-        n += len(idx)
-        all_tokens.append(out.tokens)
-    model.train(was)
+    with loop.evaluating(model):
+        for idx in loop.eval_batches(eval_items, cfg, info):
+            x, _ = ds.get_batch(idx, 0)
+            x = x.to(device)
+            with autocast(device, amp_dtype):
+                out = model(x)
+            rec += float(reconstruction_loss(x, out.recon.float(), kind="l1")) * len(idx)
+            if vq_loss.perceptual is not None:
+                lp += float(vq_loss.perceptual(x, out.recon.float()).mean()) * len(idx)
+            n += len(idx)
+            all_tokens.append(out.tokens)
     k = model.codebook_size
     tokens = torch.cat(all_tokens) if all_tokens else torch.zeros(0, 1, 1, dtype=torch.long, device=device)
     usage = float(codebook_usage(tokens, k)) if len(tokens) else 0.0
@@ -361,10 +245,8 @@ def _evaluate(model, vq_loss, ds, eval_items, cfg: TrainVQGANConfig, info, devic
 @torch.no_grad()
 def _preview(model, ds, idx, path: Path, device) -> None:
     """Originals (top row) over reconstructions (bottom row)."""
-    was = model.training
-    model.eval()
     x, _ = ds.get_batch(idx, 0)
     x = x.to(device)
-    recon = model.decode(model.encode(x))[..., : x.shape[-2], : x.shape[-1]]
-    model.train(was)
+    with loop.evaluating(model):
+        recon = model.decode(model.encode(x))[..., : x.shape[-2], : x.shape[-1]]
     save_grid(torch.cat([x, recon.float()]), path, nrow=len(x))
