@@ -118,6 +118,25 @@ def test_cli_reports_config_errors_as_usage_errors(tmp_path):
     assert res.exit_code == 2 and "no [vqgan] stage" in res.output
 
 
+@pytest.mark.parametrize("stage", ["prior", "vqgan"])
+def test_training_commands_share_their_options_and_shortcuts(tmp_path, stage):
+    """prior and vqgan take the same options; the shortcuts become run.* overrides."""
+    import tomllib
+
+    runner = CliRunner()
+    res = runner.invoke(main, [stage, "--help"])
+    assert res.exit_code == 0
+    for option in ("--config", "--set", "--resume", "--out", "--max-steps", "--device", "--print-config"):
+        assert option in res.output, (stage, option)
+    text = " ".join(res.output.split())  # click wraps the help at the terminal width
+    assert "run.device=... (auto, cpu, cuda, cuda:N)" in text and "step-N" in text
+    res = runner.invoke(main, [stage, "--out", str(tmp_path / "o"), "--max-steps", "7", "--device", "cpu",
+                               "--set", "run.seed=5", "--print-config"])
+    assert res.exit_code == 0, res.output
+    run = tomllib.loads(res.output)["run"]
+    assert (run["out_dir"], run["max_steps"], run["device"], run["seed"]) == (str(tmp_path / "o"), 7, "cpu", 5)
+
+
 def test_pipeline_stage_selection_and_single_stage_files(tmp_path):
     single = tmp_path / "one.toml"
     single.write_text('[optim]\nlr = 0.5\n[run]\nout_dir = "x"\n')

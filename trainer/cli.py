@@ -160,6 +160,39 @@ def _finish(result: dict[str, Any]) -> None:
         click.echo(f"done: step {result['step']}, model {result['export']}")
 
 
+def training_options(fn):
+    """The options every training command takes (config, overrides, resume, shortcuts)."""
+    opts = [
+        config_option, set_option, resume_option,
+        click.option("--out", metavar="DIR", help="Shortcut for --set run.out_dir=DIR."),
+        click.option("--max-steps", type=int, metavar="N", help="Shortcut for --set run.max_steps=N."),
+        click.option("--device", metavar="DEVICE",
+                     help="Shortcut for --set run.device=... (auto, cpu, cuda, cuda:N)."),
+        print_option,
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train(stage: str, config: str | None, sets: tuple[str, ...], resume: str, out: str | None,
+           max_steps: int | None, device: str | None, print_config: bool) -> None:
+    """One training command: config + overrides, then ``train_<stage>`` (or the printed config)."""
+    overrides = _overrides(sets, **{"run.out_dir": out, "run.max_steps": max_steps, "run.device": device})
+    cfg = _load(stage, config, overrides)
+    if print_config:
+        return _print_config(cfg)
+
+    def body():
+        if stage == "prior":
+            from .train_prior import train_prior as train
+        else:
+            from .train_vqgan import train_vqgan as train
+        return train(cfg, resume=resume, argv=sys.argv)
+
+    _finish(_guard(body))
+
+
 @main.command(context_settings=CONTEXT, epilog=TRAIN_OPTIONS_HELP + """
 \b
 Examples:
@@ -170,30 +203,14 @@ Examples:
       --set data.path=latents/ffhq256 --set optim.batch_size=32
   sundae-train prior -c my.toml --resume runs/x/checkpoints/step-00005000
 """)
-@config_option
-@set_option
-@resume_option
-@click.option("--out", metavar="DIR", help="Shortcut for --set run.out_dir=DIR.")
-@click.option("--max-steps", type=int, metavar="N", help="Shortcut for --set run.max_steps=N.")
-@click.option("--device", metavar="DEVICE", help="Shortcut for --set run.device=... (auto, cpu, cuda, cuda:N).")
-@print_option
-def prior(config, sets, resume, out, max_steps, device, print_config) -> None:
+@training_options
+def prior(**options) -> None:
     """Train a SUNDAE prior on a latent dataset (from 'latents') or on images with the pixel codec.
 
     The final weights (EMA when enabled) go to run.out_dir/run.export as a native prior file that
     load_prior and the ComfyUI loader read; it records its codec and class names.
     """
-    overrides = _overrides(sets, **{"run.out_dir": out, "run.max_steps": max_steps, "run.device": device})
-    cfg = _load("prior", config, overrides)
-    if print_config:
-        return _print_config(cfg)
-
-    def body():
-        from .train_prior import train_prior
-
-        return train_prior(cfg, resume=resume, argv=sys.argv)
-
-    _finish(_guard(body))
+    _train("prior", **options)
 
 
 @main.command(context_settings=CONTEXT, epilog=TRAIN_OPTIONS_HELP + """
@@ -205,30 +222,14 @@ Examples:
   torchrun --nproc_per_node=8 -m comfyui_sundae.trainer vqgan --config ffhq1024 \\
       --set data.path=/data/ffhq1024
 """)
-@config_option
-@set_option
-@resume_option
-@click.option("--out", metavar="DIR", help="Shortcut for --set run.out_dir=DIR.")
-@click.option("--max-steps", type=int, metavar="N", help="Shortcut for --set run.max_steps=N.")
-@click.option("--device", metavar="DEVICE", help="Shortcut for --set run.device=...")
-@print_option
-def vqgan(config, sets, resume, out, max_steps, device, print_config) -> None:
+@training_options
+def vqgan(**options) -> None:
     """Train a VQ-GAN codec (L1 + optional LPIPS + PatchGAN + codebook losses).
 
     Writes reconstruction grids and codebook usage to run.out_dir and the final native VQ-GAN
     file to run.out_dir/run.export.
     """
-    overrides = _overrides(sets, **{"run.out_dir": out, "run.max_steps": max_steps, "run.device": device})
-    cfg = _load("vqgan", config, overrides)
-    if print_config:
-        return _print_config(cfg)
-
-    def body():
-        from .train_vqgan import train_vqgan
-
-        return train_vqgan(cfg, resume=resume, argv=sys.argv)
-
-    _finish(_guard(body))
+    _train("vqgan", **options)
 
 
 @main.command(context_settings=CONTEXT, epilog=TRAIN_OPTIONS_HELP + """
