@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .config_dict import config_from_dict
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
@@ -406,12 +408,32 @@ def read_native_header(path: str | os.PathLike, *, expected_type: str) -> tuple[
     return config, meta
 
 
-def load_native(path: str | os.PathLike, *, expected_type: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """Read a native model file: returns ``(config_dict, state_dict, metadata)``.
+def load_native_model(
+    path: str | os.PathLike,
+    *,
+    expected_type: str,
+    config_cls: type,
+    build: Callable[[Any], torch.nn.Module],
+    what: str,
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Read a native model file (``load_prior``, ``load_vqgan_native``): returns ``(model,
+    metadata)``, the model on the CPU in the dtype ``build(config)`` gives (the stored dtype is
+    cast on loading).
 
-    Raises ``ValueError`` naming the file when it is not a native file of ``expected_type``."""
-    config, meta = read_native_header(path, expected_type=expected_type)
-    return config, load_safetensors(path), meta
+    In this order, so that a damaged or hostile file costs nothing: the header (model type,
+    config JSON) -> the config (unknown keys and invalid values raise) -> the declared tensor
+    shapes against ``build(config)`` on the meta device (:func:`check_weights_fit`: too large
+    or not matching raises before anything is allocated or read) -> the model for real and its
+    weights, strictly. ``what`` starts every error message (e.g. ``"load_prior('x.safetensors')"``)."""
+    config_dict, meta = read_native_header(path, expected_type=expected_type)
+    try:
+        config = config_from_dict(config_cls, config_dict, what=config_cls.__name__)
+    except ValueError as exc:
+        raise ValueError(f"{what}: the file's config is invalid: {exc}") from exc
+    check_weights_fit(lambda: build(config), read_safetensors_shapes(path), what=what)
+    model = build(config)
+    load_state_dict_strict(model, load_safetensors(path), what=what)
+    return model, meta
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:

@@ -50,15 +50,11 @@ from ._helpers import (
     META_CONFIG,
     META_FORMAT_VERSION,
     META_MODEL_TYPE,
-    check_weights_fit,
     config_to_json,
     hf_download,
     is_hf_source,
-    load_safetensors,
-    load_state_dict_strict,
+    load_native_model,
     parse_hf_source,
-    read_native_header,
-    read_safetensors_shapes,
     resolve_local,
     resolve_shipped,
     save_native,
@@ -584,16 +580,8 @@ def load_prior(source: str | os.PathLike) -> SundaePrior:
         path = hf_download(repo_id, filename, source=str(source))
     else:
         path = resolve_local(source, what="load_prior")
-    config_dict, meta = read_native_header(path, expected_type=MODEL_TYPE)
-    try:
-        config = config_from_dict(PriorConfig, config_dict, what=f"{str(path)!r} config")
-    except ValueError as exc:
-        raise ValueError(f"load_prior({str(path)!r}): the file's config is invalid: {exc}") from exc
-    what = f"load_prior({str(path)!r})"
-    check_weights_fit(lambda: SundaePrior(config), read_safetensors_shapes(path), what=what)
-    state_dict = load_safetensors(path)
-    prior = SundaePrior(config)
-    load_state_dict_strict(prior, {k: v.float() for k, v in state_dict.items()}, what=what)
+    prior, meta = load_native_model(path, expected_type=MODEL_TYPE, config_cls=PriorConfig, build=SundaePrior,
+                                    what=f"load_prior({str(path)!r})")
     prior.metadata = dict(meta)
     logger.info("loaded SUNDAE prior %s (%.1fM parameters)", path, prior.num_parameters() / 1e6)
     return prior.float().eval()

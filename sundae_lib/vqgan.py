@@ -36,15 +36,10 @@ from einops import rearrange
 from torch import nn
 
 from ._helpers import (
-    check_weights_fit,
     config_to_json,
-    load_safetensors,
-    load_state_dict_strict,
-    read_native_header,
-    read_safetensors_shapes,
+    load_native_model,
     save_native,
 )
-from .config_dict import config_from_dict
 from .pixel_codec import (
     PixelCodec,
     PixelCodecConfig,
@@ -417,13 +412,6 @@ def load_vqgan_native(path: str | os.PathLike) -> VQGAN:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"VQ-GAN file {str(path)!r} does not exist")
-    config_dict, _ = read_native_header(path, expected_type=MODEL_TYPE)
-    try:
-        config = config_from_dict(VQGANConfig, config_dict, what=f"VQ-GAN config in {str(path)!r}")
-    except ValueError as exc:
-        raise ValueError(f"VQ-GAN {str(path)!r}: the file's config is invalid: {exc}") from exc
-    what = f"VQ-GAN {str(path)!r}"
-    check_weights_fit(lambda: VQGAN(config), read_safetensors_shapes(path), what=what)
-    model = VQGAN(config)
-    load_state_dict_strict(model, load_safetensors(path), what=what)
+    model, _ = load_native_model(path, expected_type=MODEL_TYPE, config_cls=VQGANConfig, build=VQGAN,
+                                 what=f"VQ-GAN {str(path)!r}")
     return model.eval()

@@ -26,8 +26,6 @@ from comfyui_sundae.sundae_lib import (
     save_vqgan,
     vqgan_loading,
 )
-from comfyui_sundae.sundae_lib import prior as prior_mod
-from comfyui_sundae.sundae_lib import vqgan as vqgan_mod
 from comfyui_sundae.sundae_lib.safe_pickle import CheckpointSizeError, safe_torch_load
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,13 +47,15 @@ class _Spy:
                 _original(obj, *args, **kwargs)
 
             monkeypatch.setattr(cls, "__init__", init)
-        for module in (prior_mod, vqgan_mod, vqgan_loading):
-            original_read = _helpers.load_safetensors
+        original_read = _helpers.load_safetensors
 
-            def read(path, _original=original_read):
-                self.reads.append(str(path))
-                return _original(path)
+        def read(path):
+            self.reads.append(str(path))
+            return original_read(path)
 
+        # every module that reads tensor data from a .safetensors file: load_prior and
+        # load_vqgan_native through _helpers.load_native_model, other VQ-GAN files directly
+        for module in (_helpers, vqgan_loading):
             monkeypatch.setattr(module, "load_safetensors", read)
         original_load = torch.load
 
@@ -129,6 +129,7 @@ def test_valid_prior_still_loads_identically(tiny_prior_file, monkeypatch):
     spy = _Spy(monkeypatch)
     again = load_prior(tiny_prior_file)
     assert spy.builds == ["meta", "cpu"]  # one shape check, one real build
+    assert spy.reads == [str(tiny_prior_file)]  # the spy sees the data read (once)
     for key, value in original.state_dict().items():
         assert torch.equal(value, again.state_dict()[key])
 
@@ -155,6 +156,8 @@ def test_native_vqgan_config_disagreeing_with_tensors_is_refused(tmp_path, monke
     with pytest.raises(ValueError, match=r"40 levels.*limits of 10 levels \(MAX_LEVELS\)"):
         load_vqgan(tmp_path / "levels.safetensors")
     assert spy.real_builds == [] and spy.reads == []
+    assert isinstance(load_vqgan(tmp_path / "vq.safetensors"), VQGAN)  # the honest file loads ...
+    assert spy.real_builds == ["cpu"] and spy.reads == [str(tmp_path / "vq.safetensors")]  # ... read once
 
 
 def _tiny_taming_state_dict():
@@ -177,6 +180,8 @@ def test_taming_safetensors_disagreeing_with_config_is_refused(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"taming\.safetensors.*do not match the model config"):
         load_vqgan(tmp_path / "taming.safetensors", config=VQGANConfig.preset("tiny", ch=64))
     assert spy.real_builds == [] and spy.reads == []
+    assert isinstance(load_vqgan(tmp_path / "taming.safetensors", config=VQGANConfig.preset("tiny")), VQGAN)
+    assert spy.reads == [str(tmp_path / "taming.safetensors")]  # the spy sees the data read (once)
 
 
 def _recompress(src, dst) -> None:
