@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_prior": "prior",
     # objective and sampler
     "sundae_loss": "loss",
-    "corrupt_tokens": "loss",
+    "corrupt_tokens": "noise",
     "sample": "sampler",
     "interrupt_check": "layers",
     # codecs

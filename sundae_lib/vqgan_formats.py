@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ._helpers import META_MODEL_TYPE, hf_download, parse_hf_source, read_safetensors_metadata
+from .checks import is_int
 from .vqgan_config import VQGANConfig
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def _bad_field(cfg_path: Path, key: str, value: Any, want: str) -> ValueError:
 
 def _json_int(data: Mapping[str, Any], key: str, default: int, cfg_path: Path) -> int:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise _bad_field(cfg_path, key, value, "an integer >= 1")
     return value
 
@@ -167,7 +168,7 @@ def _json_list(
         )
         raise _bad_field(cfg_path, key, value, want)
     if allowed is int:
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        if any(not is_int(v) or v < 1 for v in value):
             raise _bad_field(cfg_path, key, value, "a non-empty list of integers >= 1")
         return list(value)
     bad = [t for t in value if not isinstance(t, str) or t not in allowed]

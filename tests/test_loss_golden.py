@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from comfyui_sundae.sundae_lib import (
     PixelCodec,
     PriorConfig,

@@ -272,7 +272,7 @@ def test_encode_tile_size_widget_tiles(vq, monkeypatch):
 def test_decode_rejects_tokens_of_another_codec(vq):
     small = CodecHandle(PixelCodec(16), "pixels (16 levels, grey)", CPU, torch.float32)
     tb = TokenBatch(torch.full((1, 4, 4), 200, dtype=torch.long), None, 1)
-    with pytest.raises(ValueError, match="the tokens use code 200 but the VQ-GAN 'pixels \\(16 levels, grey\\)' has only 16 codes"):
+    with pytest.raises(ValueError, match=r"token ids span \[200, 200\] but the VQ-GAN 'pixels \(16 levels, grey\)' has 16 codes: tokens must lie in \[0, 16\)"):
         Decode().decode(small, tb, 0)
     with pytest.raises(ValueError, match="factor-1 codec but the VQ-GAN 'vq-f4.safetensors' has factor 4"):
         Decode().decode(vq, tb, 0)

@@ -22,7 +22,7 @@ from comfyui_sundae.sundae_lib import (
     sundae_loss,
 )
 from comfyui_sundae.sundae_lib import sampler as sampler_mod
-from comfyui_sundae.sundae_lib.loss import sample_categorical
+from comfyui_sundae.sundae_lib.noise import sample_categorical
 from comfyui_sundae.sundae_lib.sampler import schedule
 from torch import nn
 
@@ -683,7 +683,7 @@ def test_loss_region_corruption_zero_is_plain_sundae():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(steps=0), "steps must be an int >= 1"),
+        (dict(steps=0), "steps must be an integer >= 1"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(temperature=(1.0, -0.5)), "temperature must be > 0"),
         (dict(update_proportion=0.0), r"update_proportion must lie in \(0, 1\]"),
@@ -711,7 +711,7 @@ def test_loss_region_corruption_zero_is_plain_sundae():
         (dict(strength=0.0), r"strength must lie in \(0, 1\]"),
         (dict(strength=1.5), r"strength must lie in \(0, 1\]"),
         (dict(strength=0.5), "pass init_tokens or use strength=1"),
-        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(grid=(0, 8)), "grid"),
         (dict(min_steps=-1), "min_steps"),
     ],
