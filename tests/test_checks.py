@@ -12,7 +12,6 @@ from comfyui_sundae.nodes.types import CodecHandle, TokenBatch
 from comfyui_sundae.sundae_lib import (
     VQGAN,
     PixelCodec,
-    PriorConfig,
     SundaePrior,
     VQGANConfig,
     sample,
@@ -30,9 +29,14 @@ from comfyui_sundae.sundae_lib.checks import (
     is_number,
 )
 from comfyui_sundae.sundae_lib.prior import forward_unchecked
+from conftest import tiny_prior
 from torch import nn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch.compile's first use imports dynamo, which trips torch's own deprecation warning
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,11 +122,6 @@ def test_check_tokens_returns_int64_without_copying_int64():
         assert got.dtype == torch.int64 and torch.equal(got, t)
 
 
-def _tiny_prior(**overrides) -> SundaePrior:
-    torch.manual_seed(0)
-    return SundaePrior(PriorConfig.preset("tiny", **overrides)).eval()
-
-
 def _decode_node(tokens):
     codec = CodecHandle(PixelCodec(16), "pixels", torch.device("cpu"), torch.float32)
     return SundaeDecode().decode(codec, TokenBatch(tokens, None, 1), 0)
@@ -131,9 +130,9 @@ def _decode_node(tokens):
 @pytest.mark.parametrize(
     "entry, who",
     [
-        (lambda t: _tiny_prior()(t), "SundaePrior: token ids span [0, 16] but this prior has 16"),
-        (lambda t: sundae_loss(_tiny_prior(), t), "sundae_loss: token ids span [0, 16] but the prior"),
-        (lambda t: sample(_tiny_prior(), init_tokens=t, steps=1),
+        (lambda t: tiny_prior()(t), "SundaePrior: token ids span [0, 16] but this prior has 16"),
+        (lambda t: sundae_loss(tiny_prior(), t), "sundae_loss: token ids span [0, 16] but the prior"),
+        (lambda t: sample(tiny_prior(), init_tokens=t, steps=1),
          "sample: token ids span [0, 16] but the prior has 16 codes: init_tokens must lie in [0, 16)"),
         (lambda t: PixelCodec(16).decode(t), "PixelCodec.decode: token ids span [0, 16] but this codec"),
         (lambda t: VQGAN(VQGANConfig.preset("tiny", n_embed=16)).decode(t),
@@ -171,7 +170,7 @@ class _Holder(nn.Module):  # has a .module but is no training wrapper (like an E
 
 
 def test_unwrap_peels_training_wrappers_in_any_nesting():
-    prior = _tiny_prior()
+    prior = tiny_prior()
     compiled = torch.compile(prior)  # not run: only the wrapper object
     for wrapped in (prior, nn.DataParallel(prior), _fake_ddp(prior), compiled,
                     _fake_ddp(compiled), torch.compile(nn.DataParallel(_fake_ddp(prior)))):
@@ -183,7 +182,7 @@ def test_unwrap_peels_training_wrappers_in_any_nesting():
 
 
 def test_save_functions_unwrap_and_refuse_other_containers(tmp_path):
-    prior = _tiny_prior()
+    prior = tiny_prior()
     save_prior(torch.compile(_fake_ddp(prior)), tmp_path / "p.safetensors")
     assert set(load_safetensors(tmp_path / "p.safetensors")) == set(prior.state_dict())
     vq = VQGAN(VQGANConfig.preset("tiny"))
@@ -216,7 +215,7 @@ def count_checks(monkeypatch):
 
 
 def test_sundae_loss_unroll_runs_no_per_step_checks(count_checks):
-    prior = _tiny_prior(num_classes=3).train()
+    prior = tiny_prior(num_classes=3).train()
     tokens = torch.randint(0, 16, (2, 8, 8))
     sundae_loss(prior, tokens, [0, 2], unroll_steps=3, generator=torch.Generator().manual_seed(0))
     assert count_checks == {"check_tokens": 0, "resolve_labels": 0}
@@ -225,13 +224,13 @@ def test_sundae_loss_unroll_runs_no_per_step_checks(count_checks):
 
 
 def test_sampler_steps_run_no_per_step_checks(count_checks):
-    sample(_tiny_prior(num_classes=3), batch_size=2, labels=1, steps=3, cfg_scale=2.0,
+    sample(tiny_prior(num_classes=3), batch_size=2, labels=1, steps=3, cfg_scale=2.0,
            generator=torch.Generator().manual_seed(0))
     assert count_checks == {"check_tokens": 0, "resolve_labels": 0}
 
 
 def test_forward_unchecked_matches_the_checked_forward_through_wrappers():
-    prior = _tiny_prior(num_classes=3)
+    prior = tiny_prior(num_classes=3)
     tokens = torch.randint(0, 16, (3, 5, 6))
     labels = torch.tensor([0, -1, 2])
     with torch.no_grad():

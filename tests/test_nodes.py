@@ -17,48 +17,36 @@ from comfyui_sundae.nodes.types import CodecHandle, PriorHandle, TokenBatch
 from comfyui_sundae.sundae_lib import (
     VQGAN,
     PixelCodec,
-    PriorConfig,
-    SundaePrior,
     VQGANConfig,
     save_prior,
     save_vqgan,
 )
 from comfyui_sundae.sundae_lib.masks import grow_token_mask, resize_mask, token_mask_from_pixels
+from conftest import CPU, small_vqgan, tiny_prior
 from einops import rearrange
 
-CPU = torch.device("cpu")
-TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
 Encode, Decode = NODE_CLASS_MAPPINGS["SundaeEncode"], NODE_CLASS_MAPPINGS["SundaeDecode"]
 LatentMask, Sampler = NODE_CLASS_MAPPINGS["SundaeLatentMask"], NODE_CLASS_MAPPINGS["SundaeSampler"]
 LoadVQGAN, LoadPrior = NODE_CLASS_MAPPINGS["SundaeLoadVQGAN"], NODE_CLASS_MAPPINGS["SundaeLoadPrior"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def vq():
-    torch.manual_seed(0)
-    cfg = VQGANConfig.preset("mnist-f4", ch=8, z_channels=8, embed_dim=8, norm_groups=4)  # f4, 256 codes
-    return CodecHandle(VQGAN(cfg).eval(), "vq-f4.safetensors", CPU, torch.float32)
+    return CodecHandle(small_vqgan(seed=0), "vq-f4.safetensors", CPU, torch.float32)  # f4, 256 codes
 
 
 @pytest.fixture(scope="module")
 def prior():
-    torch.manual_seed(0)
-    model = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=10, **TINY)).eval()
+    model = tiny_prior(seed=0, codebook_size=256, grid=(7, 7), num_classes=10)
     return PriorHandle(model, "prior-vq.safetensors", CPU, torch.float32, codec="vqgan:factor=4", factor=4)
 
 
 @pytest.fixture(scope="module")
 def uncond_prior():
-    torch.manual_seed(1)
-    model = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=0, **TINY)).eval()
+    model = tiny_prior(seed=1, codebook_size=256, grid=(7, 7), num_classes=0)
     return PriorHandle(model, "uncond.safetensors", CPU, torch.float32)
 
 
@@ -298,8 +286,8 @@ def test_class_label_errors(prior, uncond_prior):
         run_sampler(prior, class_label=10)
     with pytest.raises(ValueError, match="unconditional.*set class_label to -1"):
         run_sampler(uncond_prior, class_label=3)
-    no_null = SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), num_classes=10, null_class=False,
-                                      class_dropout=0.0, **TINY)).eval()
+    no_null = tiny_prior(seed=None, codebook_size=256, grid=(7, 7), num_classes=10, null_class=False,
+                         class_dropout=0.0)
     with pytest.raises(ValueError, match=r"no null class.*0\.\.9"):
         run_sampler(PriorHandle(no_null, "nonull", CPU, torch.float32), class_label=-1)
     assert run_sampler(prior, class_label=9, cfg_scale=2.0).tokens.shape == (1, 7, 7)
@@ -583,18 +571,18 @@ def test_load_vqgan_file_and_pixel_codec(model_dirs):
 
 def test_is_changed_follows_the_file(model_dirs):
     path = model_dirs / "sundae" / "p.safetensors"
-    model = SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), **TINY))
+    model = tiny_prior(seed=None, codebook_size=16, grid=(4, 4))
     save_prior(model, path, metadata={"sundae.codec": "pixel:levels=16,channels=1"})
     first = LoadPrior.IS_CHANGED("p.safetensors", "auto")
     assert first == LoadPrior.IS_CHANGED("p.safetensors", "auto")
-    save_prior(SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), num_classes=3, **TINY)), path)
+    save_prior(tiny_prior(seed=None, codebook_size=16, grid=(4, 4), num_classes=3), path)
     assert LoadPrior.IS_CHANGED("p.safetensors", "auto") != first
     assert LoadPrior.IS_CHANGED("p.safetensors", "fp32") != LoadPrior.IS_CHANGED("p.safetensors", "auto")
     assert LoadVQGAN.IS_CHANGED("pixels (8 levels, grey)", "auto") == LoadVQGAN.IS_CHANGED("pixels (8 levels, grey)", "auto")
 
 
 def test_load_prior_reads_codec_metadata(model_dirs):
-    model = SundaePrior(PriorConfig(codebook_size=16, grid=(4, 4), num_classes=3, **TINY))
+    model = tiny_prior(seed=None, codebook_size=16, grid=(4, 4), num_classes=3)
     save_prior(model, model_dirs / "sundae" / "pix.safetensors", metadata={"sundae.codec": "pixel:levels=16,channels=1"})
     assert LoadPrior.INPUT_TYPES()["required"]["prior_name"][0] == ["pix.safetensors"]
     (h,) = LoadPrior().load("pix.safetensors", "fp32")
@@ -634,8 +622,7 @@ def test_codec_pairing_factor_mismatch_is_an_error_and_another_sha256_a_warning(
     factor-4 one used to sample and decode without a word."""
     from comfyui_sundae.sundae_lib._helpers import file_sha256
 
-    small = dict(ch=8, z_channels=8, embed_dim=8, norm_groups=4)
-    vq4 = VQGAN(VQGANConfig.preset("mnist-f4", **small))
+    vq4 = small_vqgan(seed=None)
     save_vqgan(vq4, model_dirs / "vqgan" / "vq4.safetensors")
     save_vqgan(VQGAN(VQGANConfig.preset("tiny", n_embed=256, in_channels=1, out_ch=1)),
                model_dirs / "vqgan" / "vq2.safetensors")
@@ -643,7 +630,7 @@ def test_codec_pairing_factor_mismatch_is_an_error_and_another_sha256_a_warning(
         vq4.quantize.embedding.weight.add_(0.01)
     save_vqgan(vq4, model_dirs / "vqgan" / "vq4-tuned.safetensors")
     sha = file_sha256(model_dirs / "vqgan" / "vq4.safetensors")
-    save_prior(SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), **TINY)), model_dirs / "sundae" / "p.safetensors",
+    save_prior(tiny_prior(seed=None, codebook_size=256, grid=(7, 7)), model_dirs / "sundae" / "p.safetensors",
                metadata={"sundae.codec": f"vqgan:sha256={sha},factor=4,channels=1", "sundae.vqgan_file": "vq4.safetensors"})
     (prior,) = LoadPrior().load("p.safetensors", "fp32")
     assert prior.factor == 4

@@ -26,23 +26,13 @@ from comfyui_sundae.sundae_lib.layers import (
     rowwise,
 )
 from comfyui_sundae.sundae_lib.prior import Hourglass
+from conftest import tiny_prior
 from einops import rearrange
 
 TWO_LEVELS = (1, (1, 1, 1), 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread barriers cost more than the maths; restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**overrides) -> SundaePrior:
-    return SundaePrior(PriorConfig.preset("tiny", **overrides)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand_tokens(b: int, h: int, w: int, k: int = 16) -> torch.Tensor:
@@ -57,7 +47,7 @@ def rand_tokens(b: int, h: int, w: int, k: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("depth", [2, (1, 1, 1), TWO_LEVELS])
 @pytest.mark.parametrize("grid", [(8, 8), (6, 10), (7, 5), (1, 1), (3, 9)])
 def test_logits_shape_any_grid(depth, grid):
-    prior = tiny(depth=depth)  # trained grid (8, 8); every other grid must run too
+    prior = tiny_prior(depth=depth)  # trained grid (8, 8); every other grid must run too
     with torch.no_grad():
         logits = prior(rand_tokens(2, *grid))
     assert logits.shape == (2, *grid, 16)
@@ -68,7 +58,7 @@ def test_logits_shape_any_grid(depth, grid):
 def test_odd_grid_two_levels_trains():
     # 7×5 pads to 8×6 at level 1 (-> 4×3) and to 4×4 at level 2 (-> 2×2): the official padding
     # path crashed here (bug B6). Every parameter must receive a gradient.
-    prior = tiny(depth=TWO_LEVELS, num_classes=3).train()
+    prior = tiny_prior(depth=TWO_LEVELS, num_classes=3).train()
     logits = prior(rand_tokens(3, 7, 5), torch.tensor([0, 2, -1]))
     F.cross_entropy(rearrange(logits, "b h w k -> (b h w) k"), rand_tokens(3, 7, 5).flatten()).backward()
     dead = [n for n, p in prior.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -76,11 +66,11 @@ def test_odd_grid_two_levels_trains():
 
 
 def test_flat_depth_has_no_shortening():
-    prior = tiny(depth=3)
+    prior = tiny_prior(depth=3)
     names = {n.split(".")[1] for n, _ in prior.named_parameters() if n.startswith("body.")}
     assert names == {"layers"}
     assert len(prior.body.layers) == 3
-    hourglass = tiny(depth=TWO_LEVELS)
+    hourglass = tiny_prior(depth=TWO_LEVELS)
     assert isinstance(hourglass.body, Hourglass) and isinstance(hourglass.body.valley, Hourglass)
 
 
@@ -96,7 +86,7 @@ def test_positions_are_patch_centres_in_full_resolution_units():
 
 
 def test_autocast_bf16_forward_runs():
-    prior = tiny(depth=TWO_LEVELS)
+    prior = tiny_prior(depth=TWO_LEVELS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = prior(rand_tokens(1, 5, 6))
     assert logits.shape == (1, 5, 6, 16) and torch.isfinite(logits.float()).all()
@@ -183,7 +173,7 @@ def test_rotary_reaches_every_head():
 
 def test_rotary_reaches_every_head_inside_the_prior():
     # a flat one-block prior; capture the per-head attention output (input of to_out)
-    prior = tiny(depth=1, heads=4)  # dim 32 -> 4 heads of 8
+    prior = tiny_prior(depth=1, heads=4)  # dim 32 -> 4 heads of 8
     attn = prior.body.layers[0].attn
     captured = []
     attn.to_out.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
@@ -368,7 +358,7 @@ def test_config_validation(overrides, match):
 
 
 def test_save_load_bit_identical(tmp_path):
-    prior = tiny(depth=TWO_LEVELS, num_classes=3)
+    prior = tiny_prior(depth=TWO_LEVELS, num_classes=3)
     path = tmp_path / "prior.safetensors"
     save_prior(prior, path, metadata={"sundae.codec": "pixel:levels=16,channels=1"})
     loaded = load_prior(str(path))
@@ -384,7 +374,7 @@ def test_save_load_bit_identical(tmp_path):
 
 
 def test_load_names_missing_and_unexpected_keys(tmp_path):
-    prior = tiny()
+    prior = tiny_prior()
     cfg = prior.config.to_json()
     sd = dict(prior.state_dict())
     save_native({**sd, "body.extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors",
@@ -398,7 +388,7 @@ def test_load_names_missing_and_unexpected_keys(tmp_path):
 
 
 def test_load_rejects_other_model_types_and_bad_sources(tmp_path):
-    prior = tiny()
+    prior = tiny_prior()
     save_native(prior.state_dict(), tmp_path / "vq.safetensors", model_type="vqgan",
                 config_json=prior.config.to_json())
     with pytest.raises(ValueError, match=r"holds a 'vqgan' model, not a 'sundae_prior'"):
@@ -428,7 +418,7 @@ def test_hf_source_offline_uncached(tmp_path, monkeypatch):
 
 
 def test_saved_tensors_are_plain_state_dict(tmp_path):
-    prior = tiny(depth=TWO_LEVELS)
+    prior = tiny_prior(depth=TWO_LEVELS)
     save_prior(prior, tmp_path / "p.safetensors")
     assert set(load_safetensors(tmp_path / "p.safetensors")) == set(prior.state_dict())
 
@@ -453,7 +443,7 @@ def test_saved_tensors_are_plain_state_dict(tmp_path):
 )
 def test_bad_tokens(tokens, match):
     with pytest.raises(ValueError, match=match):
-        tiny()(tokens)
+        tiny_prior()(tokens)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +462,7 @@ def test_bad_tokens(tokens, match):
 )
 def test_bad_labels(overrides, labels, match):
     with pytest.raises(ValueError, match=match):
-        tiny(**overrides)(rand_tokens(2, 4, 4), labels)
+        tiny_prior(**overrides)(rand_tokens(2, 4, 4), labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +472,7 @@ def test_bad_labels(overrides, labels, match):
 
 @torch.no_grad()
 def test_null_class_and_conditioning():
-    prior = tiny(num_classes=5)
+    prior = tiny_prior(num_classes=5)
     tokens = rand_tokens(2, 6, 6)
     none = prior(tokens)
     minus = prior(tokens, torch.tensor([-1, -1]))
@@ -502,7 +492,7 @@ def test_null_class_and_conditioning():
 def test_unvalidated_forward_equals_validated_forward():
     """``validate=False`` (used inside the sampler loop to avoid host syncs) changes nothing but
     the checks: same logits for explicit, null (-1) and omitted labels."""
-    prior = tiny(num_classes=3)
+    prior = tiny_prior(num_classes=3)
     tokens = torch.randint(0, prior.codebook_size, (3, 5, 7))
     labels = torch.tensor([0, -1, 2])
     with torch.no_grad():
@@ -550,7 +540,7 @@ def _reference_forward(prior: SundaePrior, tokens: torch.Tensor, labels: torch.T
 
 def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
     torch.manual_seed(0)
-    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    prior = tiny_prior(num_classes=3, depth=TWO_LEVELS)
     tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
     calls = []
     with torch.no_grad():
@@ -568,7 +558,7 @@ def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
 
 
 def test_interrupt_check_raising_stops_the_forward_mid_way():
-    prior = tiny(depth=TWO_LEVELS)
+    prior = tiny_prior(depth=TWO_LEVELS)
     ran = []
     for m in prior.modules():
         if type(m).__name__ == "Block":
@@ -600,7 +590,7 @@ def test_long_layers_are_split_for_cancel_with_the_same_numbers(monkeypatch):
     from comfyui_sundae.sundae_lib import layers
 
     torch.manual_seed(0)
-    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    prior = tiny_prior(num_classes=3, depth=TWO_LEVELS)
     tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
     with torch.no_grad():
         plain = prior(tokens, labels)

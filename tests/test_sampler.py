@@ -15,8 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfyui_sundae.sundae_lib import (
-    PriorConfig,
-    SundaePrior,
     corrupt_tokens,
     sample,
     sundae_loss,
@@ -24,6 +22,7 @@ from comfyui_sundae.sundae_lib import (
 from comfyui_sundae.sundae_lib import sampler as sampler_mod
 from comfyui_sundae.sundae_lib.noise import sample_categorical
 from comfyui_sundae.sundae_lib.sampler import schedule
+from conftest import tiny_prior
 from torch import nn
 
 PEAK = 100.0  # logit gap that makes a fake prior's proposal certain (exp(-100) ~ 4e-44)
@@ -107,17 +106,7 @@ class TablePrior(FakePrior):
         return uncond + self.mix_scale * (cond - uncond)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add sync overhead on a busy machine
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_prior(**overrides) -> SundaePrior:
-    torch.manual_seed(0)
-    return SundaePrior(PriorConfig.preset("tiny", **overrides))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):
