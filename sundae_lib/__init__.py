@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> defining submodule (the contract in DESIGN.md; add freely, rename nothing)
+# public name -> defining submodule (the contract in docs/design.md "Public library API"; add
+# freely, rename nothing)
 _EXPORTS = {
     # prior
     "PriorConfig": "prior",

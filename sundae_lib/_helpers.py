@@ -262,7 +262,7 @@ def save_native(
     config_json: str,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a native ``.safetensors`` model file atomically (DESIGN.md "Native checkpoint
+    """Write a native ``.safetensors`` model file atomically (docs/design.md "Native checkpoint
     format"): tensors are made contiguous and cloned, so shared storage (tied weights) is fine."""
     from safetensors.torch import save_file
 

@@ -3,7 +3,7 @@
 ``SundaePrior(config)(tokens [b, h, w] int64, labels [b] | None) -> logits [b, h, w, k]``,
 non-causal, for any grid ``h × w`` (square or not, odd or even). Architecture after
 McKinney & Willcocks 2022 (official code: ``vvvm23/sundae-vqgan``) with its bugs fixed
-(the design reference "official-sundae.md", §10, lists them as B1–B18):
+(docs/official-code.md lists them by tag, B1–B18):
 
     token embedding (+ class embedding, added at every position)
     body = Stack(depth)                          # int depth: a flat transformer
@@ -87,8 +87,9 @@ MAX_GRID_SIDE = 1024  # tokens per side of the trained grid
 MAX_BLOCKS = 512  # self-attention blocks in total
 MAX_LEVELS = 8  # nested shortening levels
 
-# Parameter counts below: ours [paper table, official-sundae.md §2]. Ours differ by the null
-# class row, the extra LayerNorm on the resampling context and bias details: < 0.1 %.
+# Parameter counts below: ours [the official config's, docs/official-code.md "Paper
+# configurations"]. Ours differ by the null class row, the extra LayerNorm on the resampling
+# context and bias details: < 0.1 %.
 _PRESETS: dict[str, dict[str, Any]] = {
     # FFHQ 256² through the taming f16 VQ-GAN: 16×16 tokens; 178.4M [178.4M]
     "ffhq256": dict(codebook_size=1024, grid=(16, 16), dim=1024, heads=8, dim_head=64,

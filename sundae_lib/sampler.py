@@ -10,7 +10,7 @@ Starting from uniform random tokens (or from given tokens), every step
 4. early stop: from step index ``min_steps`` on, a sample whose tokens did not change in the
    step is frozen and leaves the batch (the next forwards run only on the active samples, with
    labels, masks and tokens indexed by the active subset — the official code crashed here with
-   batch > 1, its bug B8); the loop ends when every sample is frozen.
+   batch > 1, its bug B8 in docs/official-code.md); the loop ends when every sample is frozen.
 
 ``T_n`` and ``p_n`` are linear schedules from start to end over the steps, endpoints included
 (see ``schedule``). All randomness comes from one ``torch.Generator``; the same generator state

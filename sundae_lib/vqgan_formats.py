@@ -1,5 +1,6 @@
 """Source formats for ``vqgan_loading.load_vqgan``: diffusers ``VQModel`` key conversion and
-``config.json`` mapping (checkpoint-formats.md §5, §6), and fetching ``hf://`` sources.
+``config.json`` mapping (which diffusers models a taming VQ-GAN can express, and which are
+refused), and fetching ``hf://`` sources.
 
 Key mapping diffusers -> taming: encoder ``down_blocks.i`` -> ``down.i``; decoder ``up_blocks.i``
 -> ``up.{L-1-i}`` (diffusers lists decoder blocks in execution order, taming by level);
@@ -53,7 +54,7 @@ _DIFFUSERS_PLAIN = {"conv_in", "conv_out", "conv_norm_out"}
 def diffusers_to_taming(
     sd: Mapping[str, torch.Tensor], *, origin: str = "state dict"
 ) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``VQModel`` state dict to taming keys (checkpoint-formats.md §5):
+    """Rename a diffusers ``VQModel`` state dict to taming keys (mapping in the module docstring):
     decoder ``up_blocks.i`` -> ``up.{L-1-i}``, ``conv_shortcut`` -> ``nin_shortcut``, attention
     ``to_q``/``query`` ... -> ``q`` ... with Linear ``[C, C]`` weights -> 1x1 conv ``[C, C, 1, 1]``.
     Unknown keys raise ``ValueError`` naming them."""
@@ -211,9 +212,8 @@ def check_diffusers_config(data: Any, cfg_path: Path) -> None:
 
 
 def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dict[str, Any]:
-    """``VQGANConfig`` fields from a diffusers ``config.json`` (checkpoint-formats.md §5), or a
-    ``ValueError`` naming the file and the field that is of the wrong type or that a taming
-    VQ-GAN cannot express."""
+    """``VQGANConfig`` fields from a diffusers ``config.json``, or a ``ValueError`` naming the file
+    and the field that is of the wrong type or that a taming VQ-GAN cannot express."""
     where = f"load_vqgan: {str(cfg_path)!r}"
     boc = _json_list(data, "block_out_channels", [64], cfg_path, int)
     down = _json_list(data, "down_block_types", ["DownEncoderBlock2D"], cfg_path, _DOWN_TYPES)

@@ -3,6 +3,7 @@ strict config, native save/load, input validation, class conditioning.
 
 References are independent of the code under test: hand-computed positions, a complex-number
 RoPE + einsum-softmax attention, set arithmetic over patches, the paper's parameter table.
+Bug tags (B1, B2, ...) are the official code's, listed in docs/official-code.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Sampler and objective: schedules, early stop with a shrinking batch (official bug B8),
-inpainting invariants, variations, classifier-free guidance, determinism, cancel, the unrolled
-loss (gradients, detached samples, equal weights), corruption and class-dropout statistics, and
-every ValueError.
+"""Sampler and objective: schedules, early stop with a shrinking batch (official bug B8 in
+docs/official-code.md), inpainting invariants, variations, classifier-free guidance,
+determinism, cancel, the unrolled loss (gradients, detached samples, equal weights), corruption
+and class-dropout statistics, and every ValueError.
 
 Most tests use small fake priors whose logits are a known function of the input, so expected
 values are computed by hand; the real ``SundaePrior`` ("tiny" preset) covers the end-to-end paths.
