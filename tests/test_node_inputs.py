@@ -14,7 +14,7 @@ import torch
 from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS, comfy_adapter, loaders
 from comfyui_sundae.nodes.types import CodecHandle, PriorHandle, TokenBatch
 from comfyui_sundae.sundae_lib import save_prior
-from conftest import CPU, small_vqgan, tiny_prior
+from conftest import CPU, run_sampler, small_vqgan, tiny_prior
 
 Encode, Sampler = NODE_CLASS_MAPPINGS["SundaeEncode"], NODE_CLASS_MAPPINGS["SundaeSampler"]
 LoadVQGAN, LoadPrior = NODE_CLASS_MAPPINGS["SundaeLoadVQGAN"], NODE_CLASS_MAPPINGS["SundaeLoadPrior"]
@@ -27,14 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def prior():
     model = tiny_prior(seed=0, codebook_size=256, grid=(4, 4))
     return PriorHandle(model, "prior.safetensors", CPU, torch.float32, codec="vqgan:factor=4", factor=4)
-
-
-def run_sampler(prior, **kw):
-    args = dict(seed=0, steps=2, temperature_start=1.0, temperature_end=0.7, update_start=1.0, update_end=1.0,
-                early_stop=False, batch_size=1, class_label=-1, cfg_scale=1.0, strength=1.0, width=0, height=0)
-    args.update(kw)
-    with torch.inference_mode():
-        return Sampler().run(prior, **args)[0]
 
 
 def test_strength_widget_starts_above_zero_and_zero_is_explained(prior):
