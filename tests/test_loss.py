@@ -1,6 +1,7 @@
-"""The SUNDAE objective (``sundae_loss``) and the corruption it draws (``noise.py``): gradients
-through every unrolled step, detached temperature-1 samples between steps, equal step weights,
-corruption-rate, class-dropout and region statistics, and every ValueError.
+"""The SUNDAE objective (``sundae_loss``) and the draws of ``noise.py``: gradients through every
+unrolled step, detached temperature-1 samples between steps, equal step weights, categorical
+draws at a temperature, corruption-rate, class-dropout and region statistics, and every
+ValueError.
 
 Fake priors (``conftest.FakePrior``) make the logits a known function of the input, so expected
 values are computed by hand; the real ``SundaePrior`` ("tiny" preset) covers the gradient path.
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfyui_sundae.sundae_lib import corrupt_tokens, sundae_loss
+from comfyui_sundae.sundae_lib.noise import sample_categorical
 from conftest import FakePrior, ShiftPrior, gen, tiny_prior
 from torch import nn
 
@@ -80,6 +82,20 @@ def test_loss_equal_step_weights_and_temperature_one_sampling():
     # the second input is a temperature-1 sample of near-flat logits: about uniform, not argmax
     freq = torch.bincount(prior.calls[1]["tokens"].reshape(-1), minlength=k).float() / flat.numel()
     assert torch.allclose(freq, torch.softmax(prior.table.detach(), 0), atol=0.02)
+
+
+def test_sample_categorical_matches_softmax_at_temperature():
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")]).expand(100_000, 5)
+    draws = sample_categorical(logits, 0.5, gen(1))
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    expected = torch.softmax(torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")]) / 0.5, 0)
+    assert torch.allclose(freq, expected, atol=0.005)
+    assert freq[4] == 0  # zero probability is never drawn
+    # bf16 logits are sampled in fp32 and give the same draws as their fp32 copy
+    lb = torch.randn(64, 37, generator=gen(2)).bfloat16()
+    assert torch.equal(
+        sample_categorical(lb, 0.7, gen(3)), sample_categorical(lb.float(), 0.7, gen(3))
+    )
 
 
 def test_corrupt_tokens_statistics():

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from comfyui_sundae.sundae_lib import sample
 from comfyui_sundae.sundae_lib import sampler as sampler_mod
-from comfyui_sundae.sundae_lib.noise import sample_categorical
 from comfyui_sundae.sundae_lib.sampler import schedule
 from conftest import PEAK, FakePrior, ShiftPrior, gen, tiny_prior
 
@@ -116,20 +115,6 @@ def test_strength_runs_the_tail_of_the_schedule(monkeypatch):
         generator=gen(),
     )
     assert seen_t == pytest.approx([0.6, 0.4])  # last 2 of [1.0, 0.8, 0.6, 0.4]
-
-
-def test_sample_categorical_matches_softmax_at_temperature():
-    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")]).expand(100_000, 5)
-    draws = sample_categorical(logits, 0.5, gen(1))
-    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
-    expected = torch.softmax(torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")]) / 0.5, 0)
-    assert torch.allclose(freq, expected, atol=0.005)
-    assert freq[4] == 0  # zero probability is never drawn
-    # bf16 logits are sampled in fp32 and give the same draws as their fp32 copy
-    lb = torch.randn(64, 37, generator=gen(2)).bfloat16()
-    assert torch.equal(
-        sample_categorical(lb, 0.7, gen(3)), sample_categorical(lb.float(), 0.7, gen(3))
-    )
 
 
 # --------------------------------------------------------------------------------------------
