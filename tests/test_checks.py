@@ -31,6 +31,7 @@ from comfyui_sundae.sundae_lib.checks import (
 from comfyui_sundae.sundae_lib.prior import forward_unchecked
 from conftest import tiny_prior
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -227,6 +228,34 @@ def test_sampler_steps_run_no_per_step_checks(count_checks):
     sample(tiny_prior(num_classes=3), batch_size=2, labels=1, steps=3, cfg_scale=2.0,
            generator=torch.Generator().manual_seed(0))
     assert count_checks == {"check_tokens": 0, "resolve_labels": 0}
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts aten ops that copy a tensor value to the host (``item`` / ``bool`` / ``tolist``,
+    ``nonzero``, ...): on a GPU each one waits for the queue to drain."""
+
+    SYNCING = {"is_nonzero", "item", "_local_scalar_dense", "tolist", "nonzero", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+def test_sundae_loss_host_reads_do_not_grow_with_the_unroll():
+    prior = tiny_prior(num_classes=3).train()
+    tokens = torch.randint(0, 16, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    reads = {}
+    for steps in (1, 2, 4):
+        with _HostReads() as counter:
+            sundae_loss(prior, tokens, [0, 2], unroll_steps=steps, region_corruption=0.5,
+                        generator=torch.Generator().manual_seed(0))
+        reads[steps] = counter.count
+    assert reads[1] == reads[2] == reads[4], reads  # the checks at the top only
+    assert 0 < reads[1] <= 4, reads  # tokens' range and the labels' range
 
 
 def test_forward_unchecked_matches_the_checked_forward_through_wrappers():
