@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..sundae_lib.checks import check_tokens
 from . import comfy_adapter as comfy
 from .convert import codec_to_image, image_to_codec, tokens_on
 from .types import TOKENS_TYPE, VQGAN_TYPE, CodecHandle, TokenBatch
@@ -88,12 +89,8 @@ def check_tokens_fit_codec(tokens: TokenBatch, vqgan: CodecHandle, *, node: str)
             f"{f' ({tokens.codec_id})' if tokens.codec_id else ''} but the VQ-GAN {vqgan.name!r} has "
             f"factor {vqgan.factor} — load the VQ-GAN the tokens' prior was trained on"
         )
-    top = int(tokens.tokens.max()) if tokens.tokens.numel() else 0
-    if top >= vqgan.codebook_size or int(tokens.tokens.min()) < 0:
-        raise ValueError(
-            f"{node}: the tokens use code {top} but the VQ-GAN {vqgan.name!r} has only "
-            f"{vqgan.codebook_size} codes — load the VQ-GAN the prior was trained on"
-        )
+    check_tokens(tokens.tokens, vqgan.codebook_size, node, owner=f"the VQ-GAN {vqgan.name!r}",
+                 hint="load the VQ-GAN the prior was trained on")
     if tokens.codec_id and tokens.codec_id != vqgan.codec_id:
         logger.warning("%s: tokens were made with %s, decoding with %s", node, tokens.codec_id, vqgan.codec_id)
 

@@ -10,6 +10,7 @@ from einops import rearrange
 
 from .. import sundae_lib
 from ..sundae_lib._helpers import source_sha256
+from ..sundae_lib.checks import check_tokens
 from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
 from . import comfy_adapter as comfy
 from .codec_nodes import check_tokens_fit_codec
@@ -164,13 +165,9 @@ def _codec_spec(prior: PriorHandle) -> CodecSpec | None:
 
 
 def _check_tokens_fit_prior(tokens: TokenBatch, prior: PriorHandle) -> None:
-    top = int(tokens.tokens.max())
-    if top >= prior.codebook_size:
-        raise ValueError(
-            f"SundaeSampler: the input tokens use code {top} but prior {prior.name!r} knows only "
-            f"{prior.codebook_size} codes — encode the image with the VQ-GAN the prior was trained on"
-            f"{f' ({prior.codec})' if prior.codec else ''}"
-        )
+    check_tokens(tokens.tokens, prior.codebook_size, "SundaeSampler", owner=f"prior {prior.name!r}",
+                 hint="encode the image with the VQ-GAN the prior was trained on"
+                 f"{f' ({prior.codec})' if prior.codec else ''}")
     if prior.factor is not None and tokens.factor != prior.factor:
         raise ValueError(
             f"SundaeSampler: the input tokens come from a factor-{tokens.factor} codec but prior "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> defining submodule (the contract in DESIGN.md; add freely, rename nothing)
+# public name -> defining submodule (the contract in docs/design.md "Public library API"; add
+# freely, rename nothing)
 _EXPORTS = {
     # prior
     "PriorConfig": "prior",
@@ -18,7 +19,7 @@ _EXPORTS = {
     "load_prior": "prior",
     # objective and sampler
     "sundae_loss": "loss",
-    "corrupt_tokens": "loss",
+    "corrupt_tokens": "noise",
     "sample": "sampler",
     "interrupt_check": "layers",
     # codecs

@@ -86,6 +86,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# wrapped modules
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap(model: Any) -> Any:
+    """The bare model inside training wrappers, for reading its attributes (``codebook_size``,
+    ``config``) and saving its weights (keys without a ``module.`` / ``_orig_mod.`` prefix).
+
+    Peels, in any nesting (``compile(DDP(m))``, ``DDP(compile(m))``): ``torch.compile``'s
+    ``OptimizedModule`` (``._orig_mod``), ``DistributedDataParallel`` and ``DataParallel``
+    (``.module``). Nothing else: an object that merely has a ``.module`` attribute (an EMA
+    holder, a user's container) is returned as it is, so the caller's type check names it.
+    Forwards should still go through the wrapper (DDP's gradient sync, the compiled graph)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (else first buffer; the CPU for a module with
+    neither)."""
+    for p in module.parameters():
+        return p.device
+    for buf in module.buffers():
+        return buf.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # dataclass configs (dict -> dataclass: config_dict.config_from_dict)
 # --------------------------------------------------------------------------------------------
 
@@ -230,7 +264,7 @@ def save_native(
     config_json: str,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a native ``.safetensors`` model file atomically (DESIGN.md "Native checkpoint
+    """Write a native ``.safetensors`` model file atomically (docs/design.md "Native checkpoint
     format"): tensors are made contiguous and cloned, so shared storage (tied weights) is fine."""
     from safetensors.torch import save_file
 

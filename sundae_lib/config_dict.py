@@ -23,6 +23,8 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .checks import is_int, is_number
+
 __all__ = ["check_keys", "coerce_value", "config_from_dict", "tupleize", "type_name"]
 
 
@@ -143,12 +145,12 @@ def coerce_value(value: Any, tp: Any, where: str, *, error: type[ValueError] = V
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_int
+
 __all__ = [
     "ActNorm",
     "NLayerDiscriminator",
@@ -103,11 +105,8 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False):
         super().__init__()
-        for name, value, low in (("input_nc", input_nc, 1), ("ndf", ndf, 1), ("n_layers", n_layers, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(
-                    f"NLayerDiscriminator: {name} must be an integer >= {low}, got {value!r}"
-                )
+        for name, value in (("input_nc", input_nc), ("ndf", ndf), ("n_layers", n_layers)):
+            check_int(value, f"NLayerDiscriminator: {name}", minimum=1)
         self.input_nc = input_nc
         self.ndf = ndf
         self.n_layers = n_layers

@@ -161,7 +161,8 @@ class Attention(nn.Module):
 
     Width ``I = heads · dim_head`` may differ from ``dim`` (the paper used I = 512 at D = 1024).
     Rotary is applied to q and k *after* the head split, so every head sees positions (the
-    official code rotated the first 64 channels before the split: head 0 only, bug B2).
+    official code rotated the first 64 channels before the split: head 0 only, bug B2 in
+    docs/official-code.md).
     """
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, dropout: float = 0.0) -> None:
@@ -295,7 +296,8 @@ class _ResampleBlock(nn.Module):
 class ResampleDown(_ResampleBlock):
     """Pre-valley resampling: each coarse token (one query) attends to exactly the ``s × s``
     fine tokens of *its own* 2D patch — the same patch the linear space-to-depth projection
-    merged (the official code used 4 consecutive raster tokens, a 1×4 strip: bug B1).
+    merged (the official code used 4 consecutive raster tokens, a 1×4 strip: bug B1 in
+    docs/official-code.md).
 
     Fine tokens that are only padding (grid not divisible by s) are masked out.
     """
@@ -334,10 +336,10 @@ class ResampleUp(_ResampleBlock):
     its parent (9 keys, fewer at the border, masked).
 
     The official block gave each fine token a single key, so its softmax was identically 1
-    and its q/k projections never learned (bug B3). With a 3×3 window the block can choose
-    between the parent and its neighbours, e.g. to sharpen patch boundaries. The window is the
-    parent's: all ``s × s`` fine tokens of one patch share it, which keeps the attention a
-    batched ``(b hc wc)``-group call with no gather.
+    and its q/k projections never learned (bug B3, docs/official-code.md). With a 3×3 window
+    the block can choose between the parent and its neighbours, e.g. to sharpen patch
+    boundaries. The window is the parent's: all ``s × s`` fine tokens of one patch share it,
+    which keeps the attention a batched ``(b hc wc)``-group call with no gather.
     """
 
     def neighbour_attention(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:

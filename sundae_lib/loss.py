@@ -25,172 +25,28 @@ trusts too many noise tokens in the hole (on MNIST pixels: bright blobs under th
 Shapes: ``b`` batch, ``h, w`` token grid, ``k`` codebook size. Tokens are int64 ``[b, h, w]``,
 labels int64 ``[b]`` with ``-1`` = the null class (unconditional).
 
-``sample_categorical`` and ``uniform`` are shared with the sampler (``sampler.py``): categorical
-sampling by inverse CDF with one generator-drawn uniform per position, which is several times
-faster on CPU than ``torch.multinomial`` or Gumbel-max at k = 8192 (timing in ``sampler.py``).
+The corruption and the categorical draws live in ``noise.py``, shared with the sampler. Inputs
+are validated once at the top of ``sundae_loss``; the unroll then calls the prior without its
+per-call checks (``prior.forward_unchecked``), so a step costs no host synchronisation.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = [
-    "corrupt_tokens",
-    "prior_device",
-    "random_regions",
-    "random_tokens",
-    "sample_categorical",
-    "sundae_loss",
-    "uniform",
-]
+from ._helpers import module_device, unwrap
+from .checks import check_int, check_number, check_tokens
+from .noise import corrupt_tokens, same_device, sample_categorical, uniform
+from .prior import forward_unchecked
+
+__all__ = ["random_regions", "resolve_labels", "sundae_loss"]
 
 
 # --------------------------------------------------------------------------------------------
-# randomness helpers (shared with the sampler)
+# region corruption
 # --------------------------------------------------------------------------------------------
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type == "cpu":
-        return True
-    return (a.index or 0) == (b.index or 0)
-
-
-def uniform(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """Uniform floats in ``[0, 1)`` of ``shape`` on ``device``, drawn from ``generator``.
-
-    A generator on another device (typically a CPU generator with a model on a GPU) is allowed:
-    the numbers are drawn where the generator lives and copied over (non-blocking), so a seed
-    gives the same random stream on every device. ``generator=None`` uses torch's global RNG."""
-    if generator is None or same_device(generator.device, device):
-        return torch.rand(shape, generator=generator, device=device)
-    draw = torch.rand(shape, generator=generator, device=generator.device)
-    return draw.to(device, non_blocking=True)
-
-
-def random_tokens(
-    shape: tuple[int, ...],
-    codebook_size: int,
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Tokens uniform over ``[0, codebook_size)``, int64 ``shape``: ``floor(u * k)`` with ``u``
-    from ``uniform`` (so a CPU generator gives the same tokens on every device)."""
-    noise = (uniform(shape, generator, device) * codebook_size).long()
-    # u < 1 so floor(u * k) < k; the clamp guards against float rounding for very large k
-    return noise.clamp_(max=codebook_size - 1)
-
-
-def sample_categorical(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """Draw one index per position from ``Categorical(softmax(logits / temperature))``.
-
-    logits: ``[..., k]`` float (any float dtype; the maths runs in float32).
-    Returns int64 ``[...]`` on the logits' device.
-
-    Inverse-CDF sampling: ``exp((logits - max) / T)`` is cumulated along ``k`` and one uniform
-    per position (scaled by the row total, so no normalisation pass is needed) is located with
-    ``searchsorted``. Only ``prod(...)`` random numbers are drawn instead of ``prod(...) * k``
-    for Gumbel-max. ``inplace=True`` reuses the logits' storage (the caller must own it and not
-    need it afterwards; the sampler does this to save memory and time — never on logits that
-    autograd still needs)."""
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(
-            f"sample_categorical: temperature must be a finite number > 0, got {temperature!r}"
-        )
-    k = logits.shape[-1]
-    lead = logits.shape[:-1]
-    if logits.dtype != torch.float32:
-        x = logits.float()  # a fresh fp32 copy: safe to modify
-    elif inplace:
-        x = logits
-    else:
-        x = logits.clone()
-    x = x.reshape(-1, k)
-    # (logits - max) / T, exponentiated: the unnormalised softmax, largest entry exactly 1
-    x.sub_(x.amax(dim=-1, keepdim=True))
-    if temperature != 1.0:
-        x.div_(temperature)
-    cdf = x.exp_().cumsum_(dim=-1)
-    u = uniform((cdf.shape[0], 1), generator, cdf.device) * cdf[:, -1:]
-    # right=True: the first index whose cumulative mass exceeds u, so a zero-probability entry
-    # is never chosen (its cdf equals its predecessor's). The clamp only matters when rounding
-    # makes u equal the total (probability ~2^-24).
-    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)
-    return idx.reshape(lead)
-
-
-# --------------------------------------------------------------------------------------------
-# corruption
-# --------------------------------------------------------------------------------------------
-
-
-def corrupt_tokens(
-    tokens: torch.Tensor,
-    rate: torch.Tensor | float,
-    codebook_size: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """SUNDAE's corruption ``q(z0 | z)``: each token is independently replaced, with probability
-    ``rate`` (per sample), by a token uniform over the whole vocabulary ``[0, codebook_size)``.
-
-    tokens: int ``[b, ...]`` (e.g. ``[b, h, w]``). rate: float ``[b]`` in ``[0, 1]`` or a single
-    number for every sample. The replacement may equal the original token, so the expected
-    fraction of tokens that actually change is ``rate * (1 - 1 / codebook_size)``.
-    Returns a new int64 tensor of the same shape; all randomness comes from ``generator`` (torch's
-    global RNG when None)."""
-    if (
-        not isinstance(tokens, torch.Tensor)
-        or tokens.dtype == torch.bool
-        or tokens.is_floating_point()
-        or tokens.is_complex()
-    ):
-        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(
-            f"corrupt_tokens: tokens must be an integer tensor [b, ...] (int64 codebook indices), "
-            f"got {got}; encode images with the codec first"
-        )
-    if tokens.dim() < 1:
-        raise ValueError("corrupt_tokens: tokens must have a batch axis, got a 0-d tensor")
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
-        raise ValueError(
-            f"corrupt_tokens: codebook_size must be a positive int, got {codebook_size!r}"
-        )
-    b = tokens.shape[0]
-    device = tokens.device
-    if isinstance(rate, torch.Tensor):
-        if rate.dim() == 0:
-            rate = rate.reshape(1).expand(b)
-        if rate.dim() != 1 or rate.shape[0] != b:
-            raise ValueError(
-                f"corrupt_tokens: rate must be a float tensor [b] with b = {b} (one rate per "
-                f"sample) or a single number, got shape {tuple(rate.shape)}"
-            )
-        rate = rate.to(device=device, dtype=torch.float32)
-    else:
-        rate_f = float(rate)
-        if not 0.0 <= rate_f <= 1.0:
-            raise ValueError(f"corrupt_tokens: rate must lie in [0, 1], got {rate!r}")
-        rate = torch.full((b,), rate_f, device=device)
-    tokens = tokens.long()
-    shape = tuple(tokens.shape)
-    rate = rate.reshape((b,) + (1,) * (tokens.dim() - 1))
-    replace = uniform(shape, generator, device) < rate
-    noise = random_tokens(shape, codebook_size, generator, device)
-    return torch.where(replace, noise, tokens)
 
 
 def random_regions(
@@ -228,55 +84,6 @@ def random_regions(
 # --------------------------------------------------------------------------------------------
 
 
-def unwrap_prior(prior: torch.nn.Module) -> torch.nn.Module:
-    """The prior behind DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers, for
-    reading its attributes (``codebook_size``, ``config``...). Forwards still go through the
-    wrapper, so DDP gradient sync and compiled graphs are used."""
-    while True:
-        inner = getattr(prior, "_orig_mod", None)
-        if inner is None and isinstance(prior, torch.nn.parallel.DistributedDataParallel):
-            inner = prior.module
-        if inner is None:
-            return prior
-        prior = inner
-
-
-def prior_device(prior: torch.nn.Module) -> torch.device:
-    for p in prior.parameters():
-        return p.device
-    for buf in prior.buffers():
-        return buf.device
-    return torch.device("cpu")
-
-
-def _check_tokens(tokens: torch.Tensor, k: int, where: str) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor):
-        raise ValueError(
-            f"{where}: tokens must be an int64 tensor [b, h, w], got {type(tokens).__name__}"
-        )
-    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-        raise ValueError(
-            f"{where}: tokens must be integer codebook indices (int64 [b, h, w]), got dtype "
-            f"{tokens.dtype}; encode images with the codec first, or cast with .long()"
-        )
-    if tokens.dim() != 3 or tokens.numel() == 0:
-        raise ValueError(
-            f"{where}: tokens must have shape [b, h, w] with b, h, w >= 1, got "
-            f"{tuple(tokens.shape)}"
-        )
-    tokens = tokens.long()
-    # one host sync; catches a codec / prior codebook mismatch with a readable message instead
-    # of an indexing error (or a device-side assert on GPU)
-    lo, hi = tokens.aminmax()
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= k:
-        raise ValueError(
-            f"{where}: token values must lie in [0, {k}) (the prior's codebook size), got range "
-            f"[{lo}, {hi}]; use the codec / VQ-GAN this prior was trained on"
-        )
-    return tokens
-
-
 def resolve_labels(
     prior: torch.nn.Module,
     labels: int | list[int] | tuple[int, ...] | torch.Tensor | None,
@@ -290,7 +97,7 @@ def resolve_labels(
     Accepts None, an int (same class for the whole batch), a list / tuple or a tensor of ``batch``
     entries (or of one entry, broadcast). On a conditional prior ``None`` means the null class;
     on an unconditional prior only None or all ``-1`` are accepted."""
-    prior = unwrap_prior(prior)
+    prior = unwrap(prior)
     num_classes = int(prior.num_classes)
     has_null = bool(prior.has_null_class) if num_classes > 0 else False
     if labels is None:
@@ -376,14 +183,11 @@ def sundae_loss(
     accuracy averaged over steps, 0..1), ``loss_per_step`` ``[unroll_steps]``, ``rate`` (mean
     corruption rate of the batch)."""
     where = "sundae_loss"
-    if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
-        raise ValueError(
-            f"{where}: unroll_steps must be an int >= 1 (SUNDAE uses 2 or 3), got {unroll_steps!r}"
-        )
-    base = unwrap_prior(prior)
+    check_int(unroll_steps, f"{where}: unroll_steps", minimum=1, hint="SUNDAE uses 2 or 3")
+    base = unwrap(prior)
     k = int(base.codebook_size)
-    tokens = _check_tokens(tokens, k, where)
-    device = prior_device(prior)
+    tokens = check_tokens(tokens, k, where, hint="use the codec / VQ-GAN this prior was trained on")
+    device = module_device(prior)
     if not same_device(tokens.device, device):
         raise ValueError(
             f"{where}: tokens are on {tokens.device} but the prior is on {device}; move the "
@@ -396,12 +200,8 @@ def sundae_loss(
     has_null = num_classes > 0 and bool(base.has_null_class)
     if class_dropout is None:
         class_dropout = float(base.config.class_dropout) if has_null else 0.0
-    class_dropout = float(class_dropout)
-    if not 0.0 <= class_dropout <= 1.0:
-        raise ValueError(
-            f"{where}: class_dropout must lie in [0, 1] (probability of a null label), got "
-            f"{class_dropout!r}"
-        )
+    class_dropout = check_number(class_dropout, f"{where}: class_dropout", low=0, high=1,
+                                 hint="it is the probability of replacing a label by the null class")
     if class_dropout > 0 and labels_t is not None:
         if not has_null:
             raise ValueError(
@@ -411,12 +211,10 @@ def sundae_loss(
         drop = uniform((b,), generator, device) < class_dropout
         labels_t = torch.where(drop, torch.full_like(labels_t, -1), labels_t)
 
-    region_corruption = float(region_corruption)
-    if not 0.0 <= region_corruption <= 1.0:
-        raise ValueError(
-            f"{where}: region_corruption must lie in [0, 1] (probability that a sample is "
-            f"corrupted only inside a random region), got {region_corruption!r}"
-        )
+    region_corruption = check_number(
+        region_corruption, f"{where}: region_corruption", low=0, high=1,
+        hint="it is the probability that a sample is corrupted only inside a random region",
+    )
 
     # q(z0 | z): one corruption rate per sample
     rate = uniform((b,), generator, device)
@@ -431,7 +229,8 @@ def sundae_loss(
     step_losses = []
     step_acc = []
     for step in range(unroll_steps):
-        logits = prior(x, labels_t)
+        # tokens and labels were validated above (and x is drawn in range): no per-step checks
+        logits = forward_unchecked(prior, x, labels_t)
         if logits.shape != (*tokens.shape, k):
             raise ValueError(
                 f"{where}: the prior returned logits of shape {tuple(logits.shape)}, expected "

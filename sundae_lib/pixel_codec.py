@@ -1,5 +1,5 @@
 """Pixel-level "codec": the identity codec for pixel priors, plus the input checks that every
-codec shares (``check_images``, ``check_tokens``, ``check_pad_mode``).
+codec shares (``check_images``, ``check_codec_tokens``, ``check_pad_mode``).
 
 ``PixelCodec`` gives pixel-level priors (the paper's MNIST experiment) the interface of
 ``VQGAN``: images ``[b, c, H, W]`` float in [-1, 1] <-> tokens ``[b, h, w]`` int64, with
@@ -17,6 +17,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .checks import check_int, check_tokens
 from .config_dict import config_from_dict
 
 PAD_MODES = ("replicate", "reflect", "constant", "error")
@@ -52,25 +53,11 @@ def check_images(x: Any, channels: int, what: str) -> None:
         )
 
 
-def check_tokens(tokens: Any, codebook_size: int, what: str) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor):
-        raise ValueError(f"{what}: expected a token tensor [b, h, w], got {type(tokens).__name__}")
-    if tokens.ndim != 3:
-        raise ValueError(
-            f"{what}: expected tokens [b, h, w] (3 dims), got shape {tuple(tokens.shape)}; add a batch "
-            "dimension with tokens[None]"
-        )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"{what}: tokens must be integers (int64), got dtype {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError(f"{what}: empty token grid of shape {tuple(tokens.shape)}")
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= codebook_size:
-        raise ValueError(
-            f"{what}: token ids span [{lo}, {hi}] but this codec has {codebook_size} codes (valid "
-            f"0..{codebook_size - 1}); the tokens come from another codec or prior — use the matching one"
-        )
-    return tokens.long()
+def check_codec_tokens(tokens: Any, codebook_size: int, what: str) -> torch.Tensor:
+    """:func:`checks.check_tokens` in a codec's words: int64 ``[b, h, w]`` in
+    ``[0, codebook_size)``."""
+    return check_tokens(tokens, codebook_size, what, owner="this codec",
+                        hint="the tokens come from another codec or prior; use the matching one")
 
 
 def check_pad_mode(pad: str) -> None:
@@ -91,20 +78,8 @@ class PixelCodecConfig:
     channels: int = 1
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.levels, bool)
-            or not isinstance(self.levels, int)
-            or not 2 <= self.levels <= 65536
-        ):
-            raise ValueError(
-                f"PixelCodec levels must be an integer in [2, 65536], got {self.levels!r}"
-            )
-        if (
-            isinstance(self.channels, bool)
-            or not isinstance(self.channels, int)
-            or self.channels < 1
-        ):
-            raise ValueError(f"PixelCodec channels must be an integer >= 1, got {self.channels!r}")
+        check_int(self.levels, "PixelCodec levels", minimum=2, maximum=65536)
+        check_int(self.channels, "PixelCodec channels", minimum=1)
 
     @property
     def spec(self) -> str:
@@ -224,7 +199,7 @@ class PixelCodec(nn.Module):
     ) -> torch.Tensor:
         """Tokens ``[b, H, W*channels]`` -> images ``[b, channels, H, W]`` float32 in [-1, 1].
         ``tile``/``overlap`` are accepted for interface parity and ignored (nothing to tile)."""
-        tokens = check_tokens(tokens, self.config.levels, "PixelCodec.decode")
+        tokens = check_codec_tokens(tokens, self.config.levels, "PixelCodec.decode")
         c = self.config.channels
         if tokens.shape[-1] % c:
             raise ValueError(

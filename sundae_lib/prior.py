@@ -3,7 +3,7 @@
 ``SundaePrior(config)(tokens [b, h, w] int64, labels [b] | None) -> logits [b, h, w, k]``,
 non-causal, for any grid ``h × w`` (square or not, odd or even). Architecture after
 McKinney & Willcocks 2022 (official code: ``vvvm23/sundae-vqgan``) with its bugs fixed
-(the design reference "official-sundae.md", §10, lists them as B1–B18):
+(docs/official-code.md lists them by tag, B1–B18):
 
     token embedding (+ class embedding, added at every position)
     body = Stack(depth)                          # int depth: a flat transformer
@@ -58,7 +58,9 @@ from ._helpers import (
     resolve_local,
     resolve_shipped,
     save_native,
+    unwrap,
 )
+from .checks import check_bool, check_int, check_number, check_tokens, is_int
 from .config_dict import config_from_dict
 from .layers import (
     ResampleDown,
@@ -81,8 +83,9 @@ MAX_GRID_SIDE = 1024  # tokens per side of the trained grid
 MAX_BLOCKS = 512  # self-attention blocks in total
 MAX_LEVELS = 8  # nested shortening levels
 
-# Parameter counts below: ours [paper table, official-sundae.md §2]. Ours differ by the null
-# class row, the extra LayerNorm on the resampling context and bias details: < 0.1 %.
+# Parameter counts below: ours [the official config's, docs/official-code.md "Paper
+# configurations"]. Ours differ by the null class row, the extra LayerNorm on the resampling
+# context and bias details: < 0.1 %.
 _PRESETS: dict[str, dict[str, Any]] = {
     # FFHQ 256² through the taming f16 VQ-GAN: 16×16 tokens; 178.4M [178.4M]
     "ffhq256": dict(codebook_size=1024, grid=(16, 16), dim=1024, heads=8, dim_head=64,
@@ -103,10 +106,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # for tests; ~50k parameters
     "tiny": dict(codebook_size=16, grid=(8, 8), dim=32, heads=2, depth=(1, 1, 1), ff_mult=2),
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -153,9 +152,7 @@ class PriorConfig:
             self.grid = tuple(self.grid)
         self.depth = _tupleize_depth(self.depth)
         for name in ("codebook_size", "dim", "heads", "shorten_factor", "ff_mult"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"PriorConfig.{name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), f"PriorConfig.{name}", minimum=1)
         if self.codebook_size < 2:
             raise ValueError(f"PriorConfig.codebook_size must be >= 2, got {self.codebook_size}")
         if self.shorten_factor < 2:
@@ -164,7 +161,7 @@ class PriorConfig:
                 f"{self.shorten_factor}; for no shortening use an int depth (flat transformer)"
             )
         if (not isinstance(self.grid, tuple) or len(self.grid) != 2
-                or not all(_is_int(v) and v >= 1 for v in self.grid)):
+                or not all(is_int(v) and v >= 1 for v in self.grid)):
             raise ValueError(f"PriorConfig.grid must be (h, w) with h, w >= 1, got {self.grid!r}")
         if max(self.grid) > MAX_GRID_SIDE:
             raise ValueError(
@@ -172,19 +169,12 @@ class PriorConfig:
                 f"side (MAX_GRID_SIDE); use a grid of at most {MAX_GRID_SIDE}x{MAX_GRID_SIDE} (a "
                 "prior samples other sizes too, this is only the trained grid)"
             )
-        if not _is_int(self.num_classes) or self.num_classes < 0:
-            raise ValueError(
-                f"PriorConfig.num_classes must be an integer >= 0 (0 = unconditional), "
-                f"got {self.num_classes!r}"
-            )
+        check_int(self.num_classes, "PriorConfig.num_classes", minimum=0,
+                  hint="0 = unconditional")
         for name in ("null_class", "attn_resampling"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PriorConfig.{name} must be true or false, got "
-                                 f"{getattr(self, name)!r}")
+            check_bool(getattr(self, name), f"PriorConfig.{name}")
         for name in ("class_dropout", "dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise ValueError(f"PriorConfig.{name} must be in [0, 1), got {value!r}")
+            check_number(getattr(self, name), f"PriorConfig.{name}", low=0, high=1, high_open=True)
         if self.num_classes and self.class_dropout > 0 and not self.null_class:
             raise ValueError(
                 f"PriorConfig.class_dropout={self.class_dropout} needs null_class=True (dropped "
@@ -196,18 +186,15 @@ class PriorConfig:
                     f"PriorConfig: heads={self.heads} does not divide dim={self.dim}; pick heads "
                     "that divide dim or set dim_head explicitly"
                 )
-        elif not _is_int(self.dim_head) or self.dim_head < 1:
-            raise ValueError(f"PriorConfig.dim_head must be a positive integer or null, got "
-                             f"{self.dim_head!r}")
+        else:
+            check_int(self.dim_head, "PriorConfig.dim_head", minimum=1,
+                      hint="or null for dim // heads")
         if self.head_dim % 4:
             raise ValueError(
                 f"PriorConfig: head width {self.head_dim} (dim_head, or dim/heads) must be "
                 "divisible by 4 for 2D rotary (half the channels rows, half columns, in pairs)"
             )
-        if (not isinstance(self.rotary_base, (int, float)) or isinstance(self.rotary_base, bool)
-                or not self.rotary_base > 1):
-            raise ValueError(f"PriorConfig.rotary_base must be a number > 1, got "
-                             f"{self.rotary_base!r}")
+        check_number(self.rotary_base, "PriorConfig.rotary_base", low=1, low_open=True)
         _validate_depth(self.depth, "depth")
         if self.levels > MAX_LEVELS or self.num_blocks > MAX_BLOCKS:
             raise ValueError(
@@ -274,7 +261,7 @@ def _validate_depth(depth: Any, where: str) -> None:
     if where.count("[") >= MAX_LEVELS:
         raise ValueError(f"PriorConfig.{where}: depth nests more than {MAX_LEVELS} levels "
                          f"(MAX_LEVELS); {hint}")
-    if _is_int(depth):
+    if is_int(depth):
         if depth < 1:
             raise ValueError(f"PriorConfig.{where} must be >= 1 blocks, got {depth}; {hint}")
         return
@@ -282,7 +269,7 @@ def _validate_depth(depth: Any, where: str) -> None:
         raise ValueError(f"PriorConfig.{where} = {depth!r} is not a valid depth; {hint}")
     pre, inner, post = depth
     for label, value in (("pre", pre), ("post", post)):
-        if not _is_int(value) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"PriorConfig.{where}: {label} = {value!r} must be an int >= 0; {hint}")
     _validate_depth(inner, f"{where}[1]")
 
@@ -433,29 +420,8 @@ class SundaePrior(nn.Module):
 
     def check_tokens(self, tokens: Any) -> torch.Tensor:
         """Validate ``tokens: [b, h, w]`` integer in ``[0, codebook_size)``; returns int64."""
-        if not isinstance(tokens, torch.Tensor):
-            raise ValueError(f"SundaePrior: tokens must be a torch.Tensor [b, h, w] of int64, got "
-                             f"{type(tokens).__name__}")
-        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-            raise ValueError(
-                f"SundaePrior: tokens must be integer codebook indices (int64), got dtype "
-                f"{tokens.dtype}; if these are images or latents, encode them with the VQ-GAN "
-                "first (or cast indices with .long())"
-            )
-        if tokens.ndim != 3:
-            hint = " (add a batch axis: tokens[None])" if tokens.ndim == 2 else ""
-            raise ValueError(f"SundaePrior: tokens must have shape [b, h, w], got "
-                             f"{tuple(tokens.shape)}{hint}")
-        if min(tokens.shape) == 0:
-            raise ValueError(f"SundaePrior: tokens shape {tuple(tokens.shape)} is empty")
-        k = self.codebook_size
-        if bool(((tokens < 0) | (tokens >= k)).any()):
-            raise ValueError(
-                f"SundaePrior: token values span [{int(tokens.min())}, {int(tokens.max())}] but "
-                f"this prior has a codebook of {k} (valid 0..{k - 1}); pair the prior with the "
-                "VQ-GAN it was trained on"
-            )
-        return tokens.long()
+        return check_tokens(tokens, self.codebook_size, "SundaePrior", owner="this prior",
+                            hint="pair the prior with the VQ-GAN it was trained on")
 
     def resolve_labels(self, labels: Any, batch_size: int, device=None) -> torch.Tensor | None:
         """Validate labels and map ``-1`` to the null class: returns int64 ``[b]`` indices into
@@ -523,22 +489,23 @@ class SundaePrior(nn.Module):
         return rearrange(logits, "b (h w) k -> b h w k", h=h, w=w)
 
 
+def forward_unchecked(prior: nn.Module, tokens: torch.Tensor,
+                      labels: torch.Tensor | None) -> torch.Tensor:
+    """``prior(tokens, labels)`` for inputs the caller validated once up front (int64 tokens in
+    range; labels int64 ``[b]`` with ``-1`` = null, or None): a :class:`SundaePrior`, bare or
+    behind DDP / ``torch.compile``, runs with ``validate=False`` (no host synchronisation per
+    call); any other module (a test double) gets the plain call. The sampler's step loop and the
+    objective's unroll use it."""
+    if isinstance(unwrap(prior), SundaePrior):
+        return prior(tokens, labels, validate=False)
+    return prior(tokens, labels)
+
+
 # --------------------------------------------------------------------------------------------
 # native checkpoint I/O
 # --------------------------------------------------------------------------------------------
 
 _RESERVED_META = (META_MODEL_TYPE, META_FORMAT_VERSION, META_CONFIG)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def save_prior(prior: SundaePrior, path: str | os.PathLike,
@@ -547,7 +514,7 @@ def save_prior(prior: SundaePrior, path: str | os.PathLike,
     (e.g. ``{"sundae.codec": "pixel:levels=256,channels=1"}``) is merged over
     ``prior.metadata``; the reserved keys ``sundae.model_type/format_version/config`` cannot be
     set. DDP / compiled wrappers are unwrapped."""
-    model = _unwrap(prior)
+    model = unwrap(prior)
     if not isinstance(model, SundaePrior):
         raise ValueError(f"save_prior expects a SundaePrior, got {type(model).__name__}")
     extra = {k: v for k, v in getattr(model, "metadata", {}).items() if k not in _RESERVED_META}

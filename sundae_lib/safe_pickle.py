@@ -21,8 +21,6 @@ Memory: a file never makes us allocate much more than its own size. Storages the
 may total at most the file's size (legacy format) or the records' inflated size (zip), and the
 zip records may inflate to at most ``MAX_INFLATION`` times the file (``torch.save`` stores them
 uncompressed); both are checked before any tensor data is read.
-
-Reference: checkpoint-formats.md §8.
 """
 
 from __future__ import annotations
@@ -44,7 +42,8 @@ import torch._weights_only_unpickler as _wo
 
 logger = logging.getLogger(__name__)
 
-# Names under these prefixes are answered by inert stand-ins (checkpoint-formats.md §8.3).
+# Names under these prefixes are answered by inert stand-ins: the classes Lightning checkpoints
+# name for callbacks, hyper-parameters and configs, none of which the weights need.
 INERT_PREFIXES: tuple[str, ...] = (
     "pytorch_lightning.",
     "lightning.",

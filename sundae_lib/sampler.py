@@ -10,7 +10,7 @@ Starting from uniform random tokens (or from given tokens), every step
 4. early stop: from step index ``min_steps`` on, a sample whose tokens did not change in the
    step is frozen and leaves the batch (the next forwards run only on the active samples, with
    labels, masks and tokens indexed by the active subset — the official code crashed here with
-   batch > 1, its bug B8); the loop ends when every sample is frozen.
+   batch > 1, its bug B8 in docs/official-code.md); the loop ends when every sample is frozen.
 
 ``T_n`` and ``p_n`` are linear schedules from start to end over the steps, endpoints included
 (see ``schedule``). All randomness comes from one ``torch.Generator``; the same generator state
@@ -39,17 +39,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ._helpers import module_device, unwrap
+from .checks import check_int, check_number, check_tokens, is_int, is_number
 from .layers import interrupt_check
-from .loss import (
-    corrupt_tokens,
-    prior_device,
-    random_tokens,
-    resolve_labels,
-    sample_categorical,
-    uniform,
-    unwrap_prior,
-)
-from .prior import SundaePrior
+from .loss import resolve_labels
+from .noise import corrupt_tokens, random_tokens, sample_categorical, uniform
+from .prior import forward_unchecked
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +57,7 @@ def schedule(start: float, end: float, steps: int) -> list[float]:
     """Linear schedule from ``start`` to ``end`` over ``steps`` values, both endpoints included
     (``steps == 1`` gives ``[start]``). Computed in float64 Python arithmetic, so the endpoints
     are exact."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"schedule: steps must be an int >= 1, got {steps!r}")
+    check_int(steps, "schedule: steps", minimum=1)
     return [schedule_value(start, end, steps, i) for i in range(steps)]
 
 
@@ -77,10 +71,10 @@ def schedule_value(start: float, end: float, steps: int, i: int) -> float:
 
 def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
     """A constant (one number) or a ``(start, end)`` schedule, as two floats."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return float(value), float(value)
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if all(is_number(v) for v in value):
             return float(value[0]), float(value[1])
     raise ValueError(
         f"sample: {name} must be a number (constant) or a (start, end) pair of numbers, got "
@@ -88,17 +82,11 @@ def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
     )
 
 
-def _check_int(value: object, name: str, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"sample: {name} must be an int >= {minimum}, got {value!r}; {hint}")
-    return value
-
-
 def _check_grid(grid: object, source: str) -> tuple[int, int]:
     ok = (
         isinstance(grid, (tuple, list))
         and len(grid) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)
+        and all(is_int(v) and v >= 1 for v in grid)
     )
     if not ok:
         raise ValueError(
@@ -108,30 +96,13 @@ def _check_grid(grid: object, source: str) -> tuple[int, int]:
 
 
 def _check_init_tokens(init: object, k: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(init, torch.Tensor):
-        raise ValueError(
-            f"sample: init_tokens must be an int64 tensor [b, h, w] (or [h, w]), got "
-            f"{type(init).__name__}"
-        )
-    if init.dtype == torch.bool or init.is_floating_point() or init.is_complex():
-        raise ValueError(
-            f"sample: init_tokens must hold integer codebook indices (int64), got dtype "
-            f"{init.dtype}; encode the image with the codec (VQ-GAN Encode) first"
-        )
-    if init.dim() == 2:
+    """``init_tokens`` ``[b, h, w]`` or ``[h, w]`` (a batch of one) -> int64 ``[b, h, w]`` on
+    ``device``."""
+    if isinstance(init, torch.Tensor) and init.dim() == 2:
         init = init.unsqueeze(0)
-    if init.dim() != 3 or init.numel() == 0:
-        raise ValueError(
-            f"sample: init_tokens must have shape [b, h, w] or [h, w] with every size >= 1, got "
-            f"{tuple(init.shape)}"
-        )
-    lo, hi = (int(v) for v in init.aminmax())
-    if lo < 0 or hi >= k:
-        raise ValueError(
-            f"sample: init_tokens values must lie in [0, {k}) (the prior's codebook size), got "
-            f"range [{lo}, {hi}]; encode with the VQ-GAN this prior was trained on"
-        )
-    return init.to(device=device, dtype=torch.long)
+    init = check_tokens(init, k, "sample", name="init_tokens",
+                        hint="encode with the VQ-GAN this prior was trained on")
+    return init.to(device)
 
 
 def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -178,15 +149,13 @@ def _guided_logits(
 ) -> torch.Tensor:
     """Float32 logits ``[n, h, w, k]``; with guidance (``cfg_scale != 1``) the conditional and the
     null-class branch run in one batched forward and mix as ``u + s * (c - u)``."""
-    # inputs were validated once before the loop: skip the prior's per-call range checks (host
-    # syncs) when it is our own SundaePrior (possibly DDP / torch.compile wrapped)
-    kwargs = {"validate": False} if isinstance(unwrap_prior(prior), SundaePrior) else {}
+    # inputs were validated once before the loop: no per-call range checks (host syncs)
     if cfg_scale == 1.0:
-        out = prior(tokens, labels, **kwargs)
+        out = forward_unchecked(prior, tokens, labels)
     else:
         both = torch.cat([tokens, tokens])
         null = torch.full_like(labels, -1)
-        out = prior(both, torch.cat([labels, null]), **kwargs)
+        out = forward_unchecked(prior, both, torch.cat([labels, null]))
     expected = (tokens.shape[0] * (1 if cfg_scale == 1.0 else 2), *tokens.shape[1:], k)
     if tuple(out.shape) != expected:
         raise ValueError(
@@ -272,9 +241,10 @@ def sample(
     is a normal (non-inference) tensor.
     """
     # ---------------- scalar settings ----------------
-    steps = _check_int(steps, "steps", 1, "use e.g. steps=100")
-    min_steps = _check_int(min_steps, "min_steps", 0, "use e.g. min_steps=10")
-    batch_size = _check_int(batch_size, "batch_size", 1, "the number of images to sample")
+    steps = check_int(steps, "sample: steps", minimum=1, hint="use e.g. steps=100")
+    min_steps = check_int(min_steps, "sample: min_steps", minimum=0, hint="use e.g. min_steps=10")
+    batch_size = check_int(batch_size, "sample: batch_size", minimum=1,
+                           hint="the number of images to sample")
     t_start, t_end = _pair(temperature, "temperature")
     for t in (t_start, t_end):
         if not (t > 0 and math.isfinite(t)):
@@ -289,22 +259,10 @@ def sample(
                 f"sample: update_proportion must lie in (0, 1] (fraction of positions updated "
                 f"per step), got {update_proportion!r}"
             )
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
-        raise ValueError(f"sample: cfg_scale must be a number, got {cfg_scale!r}")
-    cfg_scale = float(cfg_scale)
-    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-        raise ValueError(
-            f"sample: cfg_scale must be finite and >= 0 (1 = no guidance, > 1 = stronger class "
-            f"adherence), got {cfg_scale!r}"
-        )
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise ValueError(f"sample: strength must be a number in (0, 1], got {strength!r}")
-    strength = float(strength)
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(
-            f"sample: strength must lie in (0, 1] (fraction of init_tokens re-drawn; 1 = start "
-            f"from noise), got {strength!r}"
-        )
+    cfg_scale = check_number(cfg_scale, "sample: cfg_scale", low=0,
+                             hint="1 = no guidance, > 1 = stronger class adherence")
+    strength = check_number(strength, "sample: strength", low=0, high=1, low_open=True,
+                            hint="the fraction of init_tokens re-drawn; 1 = start from noise")
     if callback is not None and not callable(callback):
         raise ValueError(
             f"sample: callback must be callable(step, total, tokens), got {callback!r}"
@@ -317,9 +275,9 @@ def sample(
             f"torch.Generator().manual_seed(seed)"
         )
 
-    base = unwrap_prior(prior)  # attributes; forwards go through ``prior`` itself
+    base = unwrap(prior)  # attributes; forwards go through ``prior`` itself
     k = int(base.codebook_size)
-    device = prior_device(prior)
+    device = module_device(prior)
 
     # ---------------- tokens, grid, batch ----------------
     init: torch.Tensor | None = None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_number
 from .vqgan_modules import nearest_code
 
 __all__ = [
@@ -132,8 +133,7 @@ def vq_losses(
     Returns ``(z_q_st [b, d, h, w], loss (scalar), tokens [b, h, w])``: ``z_q_st`` is the
     straight-through code tensor to feed the decoder; ``loss`` = codebook + β·commitment (only
     β·commitment with ``codebook_term=False``, for an EMA codebook)."""
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta >= 0):
-        raise ValueError(f"vq_losses: beta must be a number >= 0, got {beta!r} (0.25 is usual)")
+    check_number(beta, "vq_losses: beta", low=0, hint="0.25 is usual")
     tokens = nearest_codes(z_e, codebook)
     z_q = lookup_codes(tokens, codebook)
     loss, _, _ = codebook_commitment_loss(z_e, z_q, beta=beta, codebook_term=codebook_term)

@@ -28,13 +28,13 @@ Axis legend: b batch, c channels, H W pixels.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ._helpers import load_state_dict_strict
+from .checks import check_bool, check_int, check_number
 from .config_dict import config_from_dict
 from .discriminator import (
     adopt_weight,
@@ -105,11 +105,6 @@ def reconstruction_loss(inputs: torch.Tensor, recons: torch.Tensor, *, kind: str
     raise ValueError(f"reconstruction_loss: kind must be 'l1' or 'l2', got {kind!r}")
 
 
-def _finite_number(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # the combined objective (taming's VQLPIPSWithDiscriminator, discriminator owned apart)
 # --------------------------------------------------------------------------------------------
@@ -153,18 +148,12 @@ class VQLossConfig:
     def __post_init__(self):
         for name in ("codebook_weight", "beta", "pixel_weight", "perceptual_weight", "disc_weight",
                      "disc_factor"):
-            value = getattr(self, name)
-            _finite_number(value, f"VQLossConfig.{name}")
-            if value < 0:
-                raise ValueError(f"VQLossConfig.{name} must be >= 0, got {value!r}")
+            check_number(getattr(self, name), f"VQLossConfig.{name}", low=0)
         for name, low in (("disc_start", 0), ("disc_num_layers", 1), ("disc_ndf", 1),
                           ("disc_in_channels", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"VQLossConfig.{name} must be an integer >= {low}, got {value!r}")
+            check_int(getattr(self, name), f"VQLossConfig.{name}", minimum=low)
         for name in ("disc_actnorm", "adaptive_weight"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"VQLossConfig.{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), f"VQLossConfig.{name}")
         choices = (("pixel_loss", ("l1", "l2")), ("disc_loss", tuple(_DISC_LOSSES)),
                    ("codebook_remedy", CODEBOOK_REMEDIES))
         for name, allowed in choices:
@@ -173,19 +162,13 @@ class VQLossConfig:
                     f"VQLossConfig.{name} = {getattr(self, name)!r} is not supported; use one of {list(allowed)}"
                 )
         for name in ("ema_decay", "restart_decay"):
-            value = getattr(self, name)
-            _finite_number(value, f"VQLossConfig.{name}")
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"VQLossConfig.{name} must be in [0, 1), got {value!r} (0.99 is usual)")
-        _finite_number(self.ema_eps, "VQLossConfig.ema_eps")
-        if self.ema_eps <= 0:
-            raise ValueError(f"VQLossConfig.ema_eps must be > 0, got {self.ema_eps!r} (1e-5 is usual)")
-        _finite_number(self.restart_threshold, "VQLossConfig.restart_threshold")
-        if not 0.0 < self.restart_threshold < 1.0:
-            raise ValueError(
-                f"VQLossConfig.restart_threshold must be in (0, 1) (a fraction of the uniform code "
-                f"share), got {self.restart_threshold!r}; 0.01 is usual"
-            )
+            check_number(getattr(self, name), f"VQLossConfig.{name}", low=0, high=1,
+                         high_open=True, hint="0.99 is usual")
+        check_number(self.ema_eps, "VQLossConfig.ema_eps", low=0, low_open=True,
+                     hint="1e-5 is usual")
+        check_number(self.restart_threshold, "VQLossConfig.restart_threshold", low=0, high=1,
+                     low_open=True, high_open=True,
+                     hint="a fraction of the uniform code share; 0.01 is usual")
 
     @classmethod
     def from_dict(cls, data: Mapping) -> VQLossConfig:

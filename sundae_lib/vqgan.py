@@ -39,13 +39,15 @@ from ._helpers import (
     config_to_json,
     load_native_model,
     save_native,
+    unwrap,
 )
+from .checks import check_int, is_int
 from .pixel_codec import (
     PixelCodec,
     PixelCodecConfig,
+    check_codec_tokens,
     check_images,
     check_pad_mode,
-    check_tokens,
 )
 from .vqgan_config import VQGANConfig
 from .vqgan_modules import Decoder, Encoder, GumbelQuantizer, VectorQuantizer
@@ -194,7 +196,7 @@ class VQGAN(nn.Module):
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[b, h, w]`` -> code vectors ``z_q [b, embed_dim, h, w]``."""
-        tokens = check_tokens(tokens, self.codebook_size, "VQGAN.lookup")
+        tokens = check_codec_tokens(tokens, self.codebook_size, "VQGAN.lookup")
         return self.quantize.lookup(tokens.to(self._param().device)).to(self._param().dtype)
 
     def decode_codes(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -276,7 +278,7 @@ class VQGAN(nn.Module):
         bounds peak memory by the tile size; the result is close to, not equal to, a full decode
         (each tile's receptive field and GroupNorm statistics stop at its border). ``tile >= h``
         and ``>= w`` is exactly the full decode."""
-        tokens = check_tokens(tokens, self.codebook_size, "VQGAN.decode")
+        tokens = check_codec_tokens(tokens, self.codebook_size, "VQGAN.decode")
         if tile is None:
             return self.decode_codes(self.lookup(tokens))
         overlap = _check_tile(tile, overlap, "VQGAN.decode")
@@ -318,11 +320,10 @@ def _check_loaded_remap(module: VQGAN, _incompatible_keys: Any) -> None:
 
 def _check_tile(tile: Any, overlap: Any, who: str) -> int:
     """Validate ``tile`` (tokens) and ``overlap``; returns the overlap (default ``tile // 4``)."""
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"{who}: tile must be a positive number of tokens or None, got {tile!r}")
+    check_int(tile, f"{who}: tile", minimum=1, hint="a number of tokens, or None for no tiling")
     if overlap is None:
         overlap = tile // 4
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+    if not is_int(overlap) or not 0 <= overlap < tile:
         raise ValueError(f"{who}: overlap must be an integer in [0, tile={tile}), got {overlap!r}")
     return overlap
 
@@ -366,22 +367,12 @@ def _seam_ramp(
 # --------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: Any) -> Any:
-    """The bare model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
-    while not isinstance(model, VQGAN | PixelCodec):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    return model
-
-
 def save_vqgan(
     model: VQGAN, path: str | os.PathLike, *, extra_metadata: dict[str, str] | None = None
 ) -> Path:
     """Write ``model`` as a native ``.safetensors`` (taming key layout, config JSON in the
     metadata, ``sundae.model_type = vqgan``), atomically. DDP / compiled wrappers are unwrapped."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if isinstance(model, PixelCodec):
         raise ValueError(
             f"a PixelCodec has no weights to save; identify it by its spec {model.spec!r} instead "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .checks import check_bool, check_int, check_number, is_int
 from .config_dict import config_from_dict
 
 __all__ = ["VQGANConfig"]
@@ -21,16 +22,6 @@ QUANTIZERS = ("vq", "gumbel")
 # them is refused when read; the parameter count is bounded by _helpers.MAX_PARAMETERS.
 MAX_LEVELS = 10  # len(ch_mult): downsample factor up to 512
 MAX_RES_BLOCKS = 32  # num_res_blocks per level
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"VQGANConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"VQGANConfig.{name} must be true or false, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +70,9 @@ class VQGANConfig:
             ("norm_groups", 1),
             ("remap_used", 0),
         ):
-            _check_int(name, getattr(self, name), minimum)
+            check_int(getattr(self, name), f"VQGANConfig.{name}", minimum=minimum)
         for name in ("double_z", "mid_attention", "resamp_with_conv"):
-            _check_bool(name, getattr(self, name))
+            check_bool(getattr(self, name), f"VQGANConfig.{name}")
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(
                 f"VQGANConfig.ch_mult must be a non-empty list of integers, got {self.ch_mult!r}"
@@ -93,24 +84,17 @@ class VQGANConfig:
                 f"{MAX_RES_BLOCKS} blocks (MAX_RES_BLOCKS); the config is wrong — check the file"
             )
         for m in self.ch_mult:
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            if not is_int(m) or m < 1:
                 raise ValueError(
                     f"VQGANConfig.ch_mult entries must be integers >= 1, got {self.ch_mult!r}"
                 )
         if not isinstance(self.attn_resolutions, tuple) or any(
-            isinstance(r, bool) or not isinstance(r, int) for r in self.attn_resolutions
+            not is_int(r) for r in self.attn_resolutions
         ):
             raise ValueError(
                 f"VQGANConfig.attn_resolutions must be a list of integers, got {self.attn_resolutions!r}"
             )
-        if (
-            not isinstance(self.dropout, int | float)
-            or isinstance(self.dropout, bool)
-            or not 0 <= self.dropout < 1
-        ):
-            raise ValueError(
-                f"VQGANConfig.dropout must be a number in [0, 1), got {self.dropout!r}"
-            )
+        check_number(self.dropout, "VQGANConfig.dropout", low=0, high=1, high_open=True)
         for m in self.ch_mult:
             if (self.ch * m) % self.norm_groups:
                 raise ValueError(

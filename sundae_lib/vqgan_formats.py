@@ -1,5 +1,6 @@
 """Source formats for ``vqgan_loading.load_vqgan``: diffusers ``VQModel`` key conversion and
-``config.json`` mapping (checkpoint-formats.md §5, §6), and fetching ``hf://`` sources.
+``config.json`` mapping (which diffusers models a taming VQ-GAN can express, and which are
+refused), and fetching ``hf://`` sources.
 
 Key mapping diffusers -> taming: encoder ``down_blocks.i`` -> ``down.i``; decoder ``up_blocks.i``
 -> ``up.{L-1-i}`` (diffusers lists decoder blocks in execution order, taming by level);
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ._helpers import META_MODEL_TYPE, hf_download, parse_hf_source, read_safetensors_metadata
+from .checks import is_int
 from .vqgan_config import VQGANConfig
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ _DIFFUSERS_PLAIN = {"conv_in", "conv_out", "conv_norm_out"}
 def diffusers_to_taming(
     sd: Mapping[str, torch.Tensor], *, origin: str = "state dict"
 ) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``VQModel`` state dict to taming keys (checkpoint-formats.md §5):
+    """Rename a diffusers ``VQModel`` state dict to taming keys (mapping in the module docstring):
     decoder ``up_blocks.i`` -> ``up.{L-1-i}``, ``conv_shortcut`` -> ``nin_shortcut``, attention
     ``to_q``/``query`` ... -> ``q`` ... with Linear ``[C, C]`` weights -> 1x1 conv ``[C, C, 1, 1]``.
     Unknown keys raise ``ValueError`` naming them."""
@@ -142,7 +144,7 @@ def _bad_field(cfg_path: Path, key: str, value: Any, want: str) -> ValueError:
 
 def _json_int(data: Mapping[str, Any], key: str, default: int, cfg_path: Path) -> int:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise _bad_field(cfg_path, key, value, "an integer >= 1")
     return value
 
@@ -167,7 +169,7 @@ def _json_list(
         )
         raise _bad_field(cfg_path, key, value, want)
     if allowed is int:
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        if any(not is_int(v) or v < 1 for v in value):
             raise _bad_field(cfg_path, key, value, "a non-empty list of integers >= 1")
         return list(value)
     bad = [t for t in value if not isinstance(t, str) or t not in allowed]
@@ -210,9 +212,8 @@ def check_diffusers_config(data: Any, cfg_path: Path) -> None:
 
 
 def fields_from_diffusers_config(data: Mapping[str, Any], cfg_path: Path) -> dict[str, Any]:
-    """``VQGANConfig`` fields from a diffusers ``config.json`` (checkpoint-formats.md §5), or a
-    ``ValueError`` naming the file and the field that is of the wrong type or that a taming
-    VQ-GAN cannot express."""
+    """``VQGANConfig`` fields from a diffusers ``config.json``, or a ``ValueError`` naming the file
+    and the field that is of the wrong type or that a taming VQ-GAN cannot express."""
     where = f"load_vqgan: {str(cfg_path)!r}"
     boc = _json_list(data, "block_out_channels", [64], cfg_path, int)
     down = _json_list(data, "down_block_types", ["DownEncoderBlock2D"], cfg_path, _DOWN_TYPES)

@@ -3,7 +3,7 @@ This module finds and reads the files; what their tensors say (VQ families kept,
 refused, config inferred) is ``vqgan_state_dict.py``, diffusers keys and configs and ``hf://``
 fetching are ``vqgan_formats.py``.
 
-Sources (checkpoint-formats.md; detection order §1):
+Sources, in the order they are detected:
 
 1. a native ``.safetensors`` (metadata ``sundae.model_type``) -> ``load_vqgan_native``;
 2. a folder (or ``hf://owner/repo[/subfolder]``) with a diffusers ``config.json``: ``VQModel`` only
@@ -13,9 +13,11 @@ Sources (checkpoint-formats.md; detection order §1):
    inert stand-ins, ``safe_pickle.py``) or ``.safetensors`` without sundae metadata: unwrap
    ``state_dict`` (Lightning) / ``model`` (VQ-Diffusion), keep ``first_stage_model.*`` of combined
    models, keep ``encoder./decoder./quantize./quant_conv./post_quant_conv.`` and drop the other
-   families (loss, EMA, transformer, ...); diffusers-layout keys are converted (§5);
-4. the config is ``config=``, else inferred exactly from tensor shapes (§7); a sibling taming /
-   LDM yaml, when present and PyYAML is importable, must agree with the weights.
+   families (loss, EMA, transformer, ...); diffusers-layout keys are converted
+   (``vqgan_formats.diffusers_to_taming``);
+4. the config is ``config=``, else inferred exactly from tensor shapes
+   (``vqgan_state_dict.infer_vqgan_config``); a sibling taming / LDM yaml, when present and
+   PyYAML is importable, must agree with the weights.
 
 ``config=``: a ``VQGANConfig`` is used verbatim; a dict *overrides* fields of the detected config
 (e.g. ``{"pixel_range": "-1,1"}`` or ``{"norm_groups": 8}``), unknown keys are an error.

@@ -2,7 +2,7 @@
 
 Module and parameter names follow taming exactly (``encoder.down.{i}.block.{j}.conv1``,
 ``decoder.up.{i}`` indexed by level, ``quantize.embedding.weight``, ...), so taming /
-latent-diffusion state dicts load strictly (reference: checkpoint-formats.md §2-§3).
+latent-diffusion state dicts load strictly.
 
 Maths follows ``taming/modules/diffusionmodules/model.py``: GroupNorm (eps 1e-6, affine), swish,
 ResnetBlock without timestep embedding, single-head AttnBlock with scale C^-1/2, Downsample =

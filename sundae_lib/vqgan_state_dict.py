@@ -1,6 +1,6 @@
 """Taming-layout VQ-GAN state dicts, whatever file they came from: pick the VQ tensors out of a
 checkpoint, refuse foreign architectures, normalise the quantizer's keys and infer the
-``VQGANConfig`` fields exactly from the tensor shapes (checkpoint-formats.md §1, §7).
+``VQGANConfig`` fields exactly from the tensor shapes.
 ``vqgan_loading.load_vqgan`` reads the files and runs these on what they hold (diffusers key
 conversion: ``vqgan_formats.py``).
 """
@@ -73,7 +73,8 @@ def _strip_wrapper_prefix(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def select_vq_tensors(sd: Mapping[str, Any], origin: str, fmt: str) -> dict[str, torch.Tensor]:
-    """Keep-list (§1): ``first_stage_model.*`` of combined models, then the VQ families."""
+    """Keep-list (source 3 of ``vqgan_loading``'s docstring): ``first_stage_model.*`` of
+    combined models, then the VQ families."""
     sd = _strip_wrapper_prefix({str(k): v for k, v in sd.items()})
     if any(k.startswith(("encoder.blocks.", "generator.blocks.")) for k in sd):
         raise ValueError(
@@ -147,7 +148,7 @@ def normalize_quantizer(sd: dict[str, torch.Tensor], origin: str) -> dict[str, t
 
 
 # --------------------------------------------------------------------------------------------
-# config inference (checkpoint-formats.md §7)
+# config inference from tensor shapes
 # --------------------------------------------------------------------------------------------
 
 
@@ -242,7 +243,7 @@ def infer_vqgan_config(
 
 
 def _check_decoder(sd, origin, num_levels, num_res_blocks, attn_levels, mid_attention) -> None:
-    """Encoder-derived structure must match the decoder's (§7.6); name the differing part."""
+    """Encoder-derived structure must match the decoder's; name the differing part."""
     dec_levels = _indices(sd, r"decoder\.up\.(\d+)\.")
     if dec_levels != list(range(num_levels)):
         raise ValueError(

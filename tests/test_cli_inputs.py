@@ -7,27 +7,21 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, save_prior
+from comfyui_sundae.sundae_lib import save_prior
 from comfyui_sundae.trainer.cli import main
 from comfyui_sundae.trainer.sample_cmd import label_names
+from conftest import tiny_prior
 from PIL import Image
 
 PIXEL16 = {"sundae.codec": "pixel:levels=16,channels=1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prior(path, *, num_classes=0, label_map=None):
-    torch.manual_seed(0)
-    model = SundaePrior(PriorConfig.preset("tiny", grid=(4, 4), num_classes=num_classes))
+    model = tiny_prior(seed=0, grid=(4, 4), num_classes=num_classes)
     meta = dict(PIXEL16)
     if label_map is not None:
         meta["sundae.label_map"] = label_map if isinstance(label_map, str) else json.dumps(label_map)

@@ -11,8 +11,6 @@ import torch
 from comfyui_sundae.sundae_lib import (
     VQGAN,
     PixelCodec,
-    PriorConfig,
-    SundaePrior,
     VQGANConfig,
     load_prior,
     save_prior,
@@ -21,9 +19,7 @@ from comfyui_sundae.sundae_lib import (
 from comfyui_sundae.sundae_lib._helpers import file_sha256
 from comfyui_sundae.sundae_lib.codec_spec import CodecSpec, check_codec_pairing
 from comfyui_sundae.trainer import sample_cmd
-
-TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
-SMALL_VQ = dict(ch=8, z_channels=8, embed_dim=8, norm_groups=4)
+from conftest import small_vqgan, tiny_prior
 
 
 def test_spec_parses_what_every_writer_wrote_and_round_trips():
@@ -81,13 +77,12 @@ def test_pairing_rules():
 def files(tmp_path_factory):
     """A factor-4 grey VQ-GAN with 256 codes, its prior, and a factor-2 grey VQ-GAN with 256 codes."""
     root = tmp_path_factory.mktemp("codecs")
-    torch.manual_seed(0)
     vq4 = root / "vq4.safetensors"
-    save_vqgan(VQGAN(VQGANConfig.preset("mnist-f4", **SMALL_VQ)), vq4)
+    save_vqgan(small_vqgan(seed=0), vq4)
     vq2 = root / "vq2.safetensors"
     save_vqgan(VQGAN(VQGANConfig.preset("tiny", n_embed=256, in_channels=1, out_ch=1)), vq2)
     prior = root / "prior.safetensors"
-    save_prior(SundaePrior(PriorConfig(codebook_size=256, grid=(7, 7), **TINY)), prior, metadata={
+    save_prior(tiny_prior(seed=None, codebook_size=256, grid=(7, 7)), prior, metadata={
         "sundae.codec": str(CodecSpec(kind="vqgan", sha256=file_sha256(vq4), factor=4, channels=1)),
         "sundae.vqgan_file": "vq4.safetensors"})
     return root, vq4, vq2, prior
@@ -110,7 +105,7 @@ def test_cli_refuses_a_vqgan_of_another_factor_naming_both_files(files, caplog):
 
 def test_cli_warns_about_a_fine_tuned_vqgan(files, tmp_path, caplog):
     root, vq4, vq2, prior_path = files
-    tuned = VQGAN(VQGANConfig.preset("mnist-f4", **SMALL_VQ))
+    tuned = small_vqgan(seed=None)
     with torch.no_grad():
         tuned.quantize.embedding.weight.add_(0.01)
     save_vqgan(tuned, tmp_path / "tuned.safetensors")

@@ -26,7 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("nodes", "sundae_lib", "trainer")
 OWN_SUBPACKAGES = {"nodes", "sundae_lib", "trainer", "comfyui_sundae", "utils", "models"}
-# comfyui-contract.md §2: top-level names that resolve to ComfyUI inside ComfyUI
+# ComfyUI's own top-level modules: inside ComfyUI an absolute import of these names binds to
+# ComfyUI's module, not ours (docs/design.md "Layers")
 COMFY_NAMES = {
     "nodes", "server", "execution", "folder_paths", "latent_preview", "node_helpers", "protocol",
     "main", "cuda_malloc", "new_updater", "comfyui_version", "comfy", "comfy_api", "comfy_api_nodes",
@@ -36,7 +37,7 @@ COMFY_NAMES = {
 ADAPTER = REPO / "nodes" / "comfy_adapter.py"
 ADAPTER_ALLOWED = {"folder_paths", "comfy"}
 
-EXPECTED_NODES = {  # DESIGN.md "ComfyUI nodes": ids are permanent
+EXPECTED_NODES = {  # docs/design.md "ComfyUI nodes": ids are permanent
     "SundaeLoadVQGAN": "Load VQ-GAN",
     "SundaeLoadPrior": "Load SUNDAE Prior",
     "SundaeEncode": "VQ-GAN Encode",
@@ -228,7 +229,7 @@ def test_node_mappings_as_comfyui_sees_them(comfy_loaded):
 
 
 def test_node_docs_exist(comfy_loaded):
-    """Every node has help where the frontend looks (comfyui-contract.md §10).
+    """Every node has help where the frontend looks (docs/design.md "ComfyUI nodes").
 
     The frontend (``src/services/nodeHelpService.ts``) fetches
     ``/extensions/<pack>/docs/<NodeId>/<locale>.md`` first, then ``docs/<NodeId>.md``. So

@@ -45,12 +45,7 @@ MIN_ACC_NO_CFG = 0.18  # measured 0.39 (seed 0); 0.24 at worst over seeds 0-2
 MIN_JUDGE_ACC = 0.7  # measured 0.795
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def to_tokens(images: np.ndarray) -> torch.Tensor:

@@ -13,10 +13,9 @@ import pytest
 import torch
 from comfyui_sundae.nodes import NODE_CLASS_MAPPINGS, comfy_adapter, loaders
 from comfyui_sundae.nodes.types import CodecHandle, PriorHandle, TokenBatch
-from comfyui_sundae.sundae_lib import VQGAN, PriorConfig, SundaePrior, VQGANConfig, save_prior
+from comfyui_sundae.sundae_lib import save_prior
+from conftest import CPU, run_sampler, small_vqgan, tiny_prior
 
-CPU = torch.device("cpu")
-TINY = dict(dim=32, heads=2, dim_head=16, depth=(1, 1, 1), ff_mult=2)
 Encode, Sampler = NODE_CLASS_MAPPINGS["SundaeEncode"], NODE_CLASS_MAPPINGS["SundaeSampler"]
 LoadVQGAN, LoadPrior = NODE_CLASS_MAPPINGS["SundaeLoadVQGAN"], NODE_CLASS_MAPPINGS["SundaeLoadPrior"]
 
@@ -26,17 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def prior():
-    torch.manual_seed(0)
-    model = SundaePrior(PriorConfig(codebook_size=256, grid=(4, 4), **TINY)).eval()
+    model = tiny_prior(seed=0, codebook_size=256, grid=(4, 4))
     return PriorHandle(model, "prior.safetensors", CPU, torch.float32, codec="vqgan:factor=4", factor=4)
-
-
-def run_sampler(prior, **kw):
-    args = dict(seed=0, steps=2, temperature_start=1.0, temperature_end=0.7, update_start=1.0, update_end=1.0,
-                early_stop=False, batch_size=1, class_label=-1, cfg_scale=1.0, strength=1.0, width=0, height=0)
-    args.update(kw)
-    with torch.inference_mode():
-        return Sampler().run(prior, **args)[0]
 
 
 def test_strength_widget_starts_above_zero_and_zero_is_explained(prior):
@@ -58,7 +48,7 @@ def test_factor_zero_in_metadata_is_ignored_not_a_division_by_zero(tmp_path, mon
     assert loaders.factor_from_codec_metadata("vqgan:sha256=ab,factor=0") is None
     assert loaders.factor_from_codec_metadata("vqgan:sha256=ab,factor=8") == 8
     monkeypatch.setattr(comfy_adapter, "_fallback_folders", {"sundae": [str(tmp_path)], "vqgan": []})
-    model = SundaePrior(PriorConfig(codebook_size=256, grid=(4, 4), **TINY))
+    model = tiny_prior(seed=None, codebook_size=256, grid=(4, 4))
     save_prior(model, tmp_path / "p.safetensors", metadata={"sundae.codec": "vqgan:sha256=ab,factor=0"})
     (handle,) = LoadPrior().load("p.safetensors", "fp32")
     assert handle.factor is None
@@ -68,8 +58,7 @@ def test_factor_zero_in_metadata_is_ignored_not_a_division_by_zero(tmp_path, mon
 
 
 def test_empty_image_batch_is_explained():
-    cfg = VQGANConfig.preset("mnist-f4", ch=8, z_channels=8, embed_dim=8, norm_groups=4)
-    vq = CodecHandle(VQGAN(cfg).eval(), "vq.safetensors", CPU, torch.float32)
+    vq = CodecHandle(small_vqgan(seed=None), "vq.safetensors", CPU, torch.float32)
     for shape in ((0, 16, 16, 3), (1, 0, 16, 3)):
         with pytest.raises(ValueError, match=r"SundaeEncode: the IMAGE is empty \(shape \[B, H, W, C\] = \[.*at least one image"):
             Encode().encode(vq, torch.zeros(shape))

@@ -1,20 +1,20 @@
 """SundaePrior: shapes on any grid, per-head 2D rotary, patch-aligned resampling, padding,
-strict config, native save/load, input validation, class conditioning.
+input validation, class conditioning, cancel inside a forward (config and files:
+test_prior_config.py).
 
 References are independent of the code under test: hand-computed positions, a complex-number
-RoPE + einsum-softmax attention, set arithmetic over patches, the paper's parameter table.
+RoPE + einsum-softmax attention, set arithmetic over patches.
+Bug tags (B1, B2, ...) are the official code's, listed in docs/official-code.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, load_prior, save_prior
-from comfyui_sundae.sundae_lib._helpers import load_safetensors, save_native
+from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior
 from comfyui_sundae.sundae_lib.layers import (
     Attention,
     ResampleDown,
@@ -26,23 +26,10 @@ from comfyui_sundae.sundae_lib.layers import (
     rowwise,
 )
 from comfyui_sundae.sundae_lib.prior import Hourglass
+from conftest import TWO_LEVELS, tiny_prior
 from einops import rearrange
 
-TWO_LEVELS = (1, (1, 1, 1), 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread barriers cost more than the maths; restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**overrides) -> SundaePrior:
-    return SundaePrior(PriorConfig.preset("tiny", **overrides)).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rand_tokens(b: int, h: int, w: int, k: int = 16) -> torch.Tensor:
@@ -57,7 +44,7 @@ def rand_tokens(b: int, h: int, w: int, k: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("depth", [2, (1, 1, 1), TWO_LEVELS])
 @pytest.mark.parametrize("grid", [(8, 8), (6, 10), (7, 5), (1, 1), (3, 9)])
 def test_logits_shape_any_grid(depth, grid):
-    prior = tiny(depth=depth)  # trained grid (8, 8); every other grid must run too
+    prior = tiny_prior(depth=depth)  # trained grid (8, 8); every other grid must run too
     with torch.no_grad():
         logits = prior(rand_tokens(2, *grid))
     assert logits.shape == (2, *grid, 16)
@@ -68,7 +55,7 @@ def test_logits_shape_any_grid(depth, grid):
 def test_odd_grid_two_levels_trains():
     # 7×5 pads to 8×6 at level 1 (-> 4×3) and to 4×4 at level 2 (-> 2×2): the official padding
     # path crashed here (bug B6). Every parameter must receive a gradient.
-    prior = tiny(depth=TWO_LEVELS, num_classes=3).train()
+    prior = tiny_prior(depth=TWO_LEVELS, num_classes=3).train()
     logits = prior(rand_tokens(3, 7, 5), torch.tensor([0, 2, -1]))
     F.cross_entropy(rearrange(logits, "b h w k -> (b h w) k"), rand_tokens(3, 7, 5).flatten()).backward()
     dead = [n for n, p in prior.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -76,11 +63,11 @@ def test_odd_grid_two_levels_trains():
 
 
 def test_flat_depth_has_no_shortening():
-    prior = tiny(depth=3)
+    prior = tiny_prior(depth=3)
     names = {n.split(".")[1] for n, _ in prior.named_parameters() if n.startswith("body.")}
     assert names == {"layers"}
     assert len(prior.body.layers) == 3
-    hourglass = tiny(depth=TWO_LEVELS)
+    hourglass = tiny_prior(depth=TWO_LEVELS)
     assert isinstance(hourglass.body, Hourglass) and isinstance(hourglass.body.valley, Hourglass)
 
 
@@ -96,7 +83,7 @@ def test_positions_are_patch_centres_in_full_resolution_units():
 
 
 def test_autocast_bf16_forward_runs():
-    prior = tiny(depth=TWO_LEVELS)
+    prior = tiny_prior(depth=TWO_LEVELS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = prior(rand_tokens(1, 5, 6))
     assert logits.shape == (1, 5, 6, 16) and torch.isfinite(logits.float()).all()
@@ -183,7 +170,7 @@ def test_rotary_reaches_every_head():
 
 def test_rotary_reaches_every_head_inside_the_prior():
     # a flat one-block prior; capture the per-head attention output (input of to_out)
-    prior = tiny(depth=1, heads=4)  # dim 32 -> 4 heads of 8
+    prior = tiny_prior(depth=1, heads=4)  # dim 32 -> 4 heads of 8
     attn = prior.body.layers[0].attn
     captured = []
     attn.to_out.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
@@ -297,143 +284,6 @@ def test_resample_up_query_key_projections_learn():
 
 
 # --------------------------------------------------------------------------------------------
-# config
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name, paper_millions",
-    [("ffhq256", 178.4), ("ffhq1024", 214.1), ("imagenet256", 200.4), ("mnist-pixels", 155.9)],
-)
-def test_paper_presets_match_the_paper_parameter_counts(name, paper_millions):
-    config = PriorConfig.preset(name)
-    with torch.device("meta"):
-        prior = SundaePrior(config)
-    assert abs(prior.num_parameters() / 1e6 - paper_millions) / paper_millions < 0.005
-
-
-def test_presets_and_overrides():
-    assert {"ffhq256", "ffhq1024", "imagenet256", "mnist-pixels", "small", "tiny"} <= set(
-        PriorConfig.preset_names()
-    )
-    c = PriorConfig.preset("ffhq1024")
-    assert (c.grid, c.codebook_size, c.dim, c.heads, c.depth) == ((32, 32), 8192, 1024, 8, (2, 12, 2))
-    assert PriorConfig.preset("imagenet256").num_classes == 1000
-    m = PriorConfig.preset("mnist-pixels")
-    assert (m.grid, m.codebook_size, m.num_classes) == ((28, 28), 256, 10)
-    assert PriorConfig.preset("tiny", dim=64).dim == 64
-    with pytest.raises(ValueError, match=r"unknown PriorConfig preset 'ffhq512'.*ffhq1024"):
-        PriorConfig.preset("ffhq512")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['width'\].*valid keys.*'dim'"):
-        PriorConfig.preset("tiny", width=64)
-
-
-def test_config_json_round_trip_keeps_nested_depth():
-    c = PriorConfig.preset("tiny", depth=(2, (1, 3, 1), 2), grid=(7, 5), num_classes=4)
-    again = PriorConfig.from_dict(json.loads(c.to_json()))
-    assert again == c and again.depth == (2, (1, 3, 1), 2) and again.grid == (7, 5)
-    assert again.levels == 2 and again.num_blocks == 9
-
-
-@pytest.mark.parametrize(
-    "overrides, match",
-    [
-        (dict(heads=3), r"heads=3 does not divide dim=32"),
-        (dict(dim_head=6), r"head width 6 .* divisible by 4"),
-        (dict(dim=40, heads=4), r"head width 10 .* divisible by 4"),
-        (dict(depth=(2, 10)), r"depth = \(2, 10\) is not a valid depth"),
-        (dict(depth=(2, 0, 2)), r"depth\[1\] must be >= 1"),
-        (dict(depth=(-1, 2, 2)), r"pre = -1 must be an int >= 0"),
-        (dict(depth=0), r"depth must be >= 1"),
-        (dict(grid=(0, 4)), r"grid must be \(h, w\) with h, w >= 1"),
-        (dict(grid=(16,)), r"grid must be \(h, w\)"),
-        (dict(codebook_size=1), r"codebook_size must be >= 2"),
-        (dict(dim=0), r"dim must be a positive integer"),
-        (dict(ff_mult=True), r"ff_mult must be a positive integer"),
-        (dict(shorten_factor=1), r"shorten_factor must be >= 2"),
-        (dict(num_classes=-1), r"num_classes must be an integer >= 0"),
-        (dict(dropout=1.5), r"dropout must be in \[0, 1\)"),
-        (dict(num_classes=10, null_class=False), r"class_dropout=0.1 needs null_class=True"),
-        (dict(rotary_base=1), r"rotary_base must be a number > 1"),
-    ],
-)
-def test_config_validation(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        PriorConfig.preset("tiny", **overrides)
-
-
-# --------------------------------------------------------------------------------------------
-# save / load
-# --------------------------------------------------------------------------------------------
-
-
-def test_save_load_bit_identical(tmp_path):
-    prior = tiny(depth=TWO_LEVELS, num_classes=3)
-    path = tmp_path / "prior.safetensors"
-    save_prior(prior, path, metadata={"sundae.codec": "pixel:levels=16,channels=1"})
-    loaded = load_prior(str(path))
-    assert loaded.config == prior.config and not loaded.training
-    assert loaded.metadata["sundae.codec"] == "pixel:levels=16,channels=1"
-    assert loaded.metadata["sundae.model_type"] == "sundae_prior"
-    tokens, labels = rand_tokens(2, 7, 5), torch.tensor([1, -1])
-    with torch.no_grad():
-        assert torch.equal(prior(tokens, labels), loaded(tokens, labels))
-    # saving a loaded prior keeps its metadata
-    save_prior(loaded, tmp_path / "again.safetensors")
-    assert load_prior(tmp_path / "again.safetensors").metadata["sundae.codec"].startswith("pixel:")
-
-
-def test_load_names_missing_and_unexpected_keys(tmp_path):
-    prior = tiny()
-    cfg = prior.config.to_json()
-    sd = dict(prior.state_dict())
-    save_native({**sd, "body.extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors",
-                model_type="sundae_prior", config_json=cfg)
-    with pytest.raises(ValueError, match=r"unexpected keys \['body.extra.weight'\]"):
-        load_prior(tmp_path / "extra.safetensors")
-    del sd["to_logits.bias"]
-    save_native(sd, tmp_path / "missing.safetensors", model_type="sundae_prior", config_json=cfg)
-    with pytest.raises(ValueError, match=r"missing keys \['to_logits.bias'\]"):
-        load_prior(tmp_path / "missing.safetensors")
-
-
-def test_load_rejects_other_model_types_and_bad_sources(tmp_path):
-    prior = tiny()
-    save_native(prior.state_dict(), tmp_path / "vq.safetensors", model_type="vqgan",
-                config_json=prior.config.to_json())
-    with pytest.raises(ValueError, match=r"holds a 'vqgan' model, not a 'sundae_prior'"):
-        load_prior(tmp_path / "vq.safetensors")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_prior(tmp_path / "nope.safetensors")
-    with pytest.raises(ValueError, match=r"name the prior file"):
-        load_prior("hf://owner/repo")
-    with pytest.raises(ValueError, match=r"reserved"):
-        save_prior(prior, tmp_path / "x.safetensors", metadata={"sundae.config": "{}"})
-    # config in the file with an unknown key: strict
-    bad = json.loads(prior.config.to_json()) | {"flavour": "vanilla"}
-    save_native(prior.state_dict(), tmp_path / "cfg.safetensors", model_type="sundae_prior",
-                config_json=json.dumps(bad))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['flavour'\]; valid keys"):
-        load_prior(tmp_path / "cfg.safetensors")
-
-
-def test_hf_source_offline_uncached(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    with pytest.raises(FileNotFoundError, match=r"not in the local Hugging Face cache.*offline"):
-        load_prior("hf://sundae-test/no-such-repo/prior.safetensors")
-
-
-def test_saved_tensors_are_plain_state_dict(tmp_path):
-    prior = tiny(depth=TWO_LEVELS)
-    save_prior(prior, tmp_path / "p.safetensors")
-    assert set(load_safetensors(tmp_path / "p.safetensors")) == set(prior.state_dict())
-
-
-# --------------------------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------------------------
 
@@ -445,7 +295,7 @@ def test_saved_tensors_are_plain_state_dict(tmp_path):
         (torch.zeros(1, 4, 4, dtype=torch.bool), r"got dtype torch.bool"),
         (torch.zeros(4, 4, dtype=torch.long), r"shape \[b, h, w\], got \(4, 4\).*tokens\[None\]"),
         (torch.zeros(1, 1, 4, 4, dtype=torch.long), r"shape \[b, h, w\], got \(1, 1, 4, 4\)"),
-        (torch.full((1, 4, 4), 16), r"span \[16, 16\] .* codebook of 16 \(valid 0..15\)"),
+        (torch.full((1, 4, 4), 16), r"span \[16, 16\] but this prior has 16 codes: tokens must lie in \[0, 16\)"),
         (torch.full((1, 4, 4), -1), r"span \[-1, -1\]"),
         (torch.zeros(0, 4, 4, dtype=torch.long), r"is empty"),
         ([[[0]]], r"must be a torch.Tensor"),
@@ -453,7 +303,7 @@ def test_saved_tensors_are_plain_state_dict(tmp_path):
 )
 def test_bad_tokens(tokens, match):
     with pytest.raises(ValueError, match=match):
-        tiny()(tokens)
+        tiny_prior()(tokens)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +322,7 @@ def test_bad_tokens(tokens, match):
 )
 def test_bad_labels(overrides, labels, match):
     with pytest.raises(ValueError, match=match):
-        tiny(**overrides)(rand_tokens(2, 4, 4), labels)
+        tiny_prior(**overrides)(rand_tokens(2, 4, 4), labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +332,7 @@ def test_bad_labels(overrides, labels, match):
 
 @torch.no_grad()
 def test_null_class_and_conditioning():
-    prior = tiny(num_classes=5)
+    prior = tiny_prior(num_classes=5)
     tokens = rand_tokens(2, 6, 6)
     none = prior(tokens)
     minus = prior(tokens, torch.tensor([-1, -1]))
@@ -502,7 +352,7 @@ def test_null_class_and_conditioning():
 def test_unvalidated_forward_equals_validated_forward():
     """``validate=False`` (used inside the sampler loop to avoid host syncs) changes nothing but
     the checks: same logits for explicit, null (-1) and omitted labels."""
-    prior = tiny(num_classes=3)
+    prior = tiny_prior(num_classes=3)
     tokens = torch.randint(0, prior.codebook_size, (3, 5, 7))
     labels = torch.tensor([0, -1, 2])
     with torch.no_grad():
@@ -550,7 +400,7 @@ def _reference_forward(prior: SundaePrior, tokens: torch.Tensor, labels: torch.T
 
 def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
     torch.manual_seed(0)
-    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    prior = tiny_prior(num_classes=3, depth=TWO_LEVELS)
     tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
     calls = []
     with torch.no_grad():
@@ -568,7 +418,7 @@ def test_interrupt_check_runs_between_blocks_and_levels_and_changes_no_bit():
 
 
 def test_interrupt_check_raising_stops_the_forward_mid_way():
-    prior = tiny(depth=TWO_LEVELS)
+    prior = tiny_prior(depth=TWO_LEVELS)
     ran = []
     for m in prior.modules():
         if type(m).__name__ == "Block":
@@ -600,7 +450,7 @@ def test_long_layers_are_split_for_cancel_with_the_same_numbers(monkeypatch):
     from comfyui_sundae.sundae_lib import layers
 
     torch.manual_seed(0)
-    prior = tiny(num_classes=3, depth=TWO_LEVELS)
+    prior = tiny_prior(num_classes=3, depth=TWO_LEVELS)
     tokens, labels = rand_tokens(2, 9, 7), torch.tensor([0, -1])
     with torch.no_grad():
         plain = prior(tokens, labels)

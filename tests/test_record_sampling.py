@@ -7,15 +7,15 @@ import json
 
 import torch
 from click.testing import CliRunner
-from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, load_prior, save_prior
+from comfyui_sundae.sundae_lib import load_prior, save_prior
 from comfyui_sundae.trainer.cli import main
+from conftest import tiny_prior
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 
 def _prior_file(tmp_path):
-    torch.manual_seed(0)
-    prior = SundaePrior(PriorConfig.preset("tiny", num_classes=3))
+    prior = tiny_prior(seed=0, num_classes=3)
     path = tmp_path / "prior.safetensors"
     recorded = {"num_samples": 4, "steps": 50, "temperature": [1.0, 0.7], "update_proportion": [1.0, 1.0],
                 "early_stop": True, "min_steps": 10, "cfg_scale": 1.0, "seed": 0}

@@ -1,5 +1,6 @@
 """sundae-train data layer: folders and .npz arrays, numeric class order (B11), unreadable files,
-deterministic splits that keep flipped twins together (B10), exact batch order across resumes."""
+deterministic splits that keep flipped twins together (B10), exact batch order across resumes.
+The bug tags are the official code's, listed in docs/official-code.md."""
 
 from __future__ import annotations
 

@@ -20,14 +20,7 @@ from safetensors import safe_open
 QUIET = ["--set", "run.progress=false", "--set", "run.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (no OpenMP barriers), and much faster when other
-    processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(args):

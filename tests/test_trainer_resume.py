@@ -23,15 +23,7 @@ from comfyui_sundae.trainer.cli import main
 from comfyui_sundae.trainer.config import load_stage
 from comfyui_sundae.trainer.train_prior import train_prior
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (no OpenMP barriers), and much faster when other
-    processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

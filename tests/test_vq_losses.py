@@ -23,15 +23,8 @@ from comfyui_sundae.sundae_lib.vq_losses import (
 )
 from comfyui_sundae.sundae_lib.vqgan import VQGAN, VQGANConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the thread
-    barriers cost more than the maths. Restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ---------------------------------------------------------------------------------------------
 # reconstruction and quantization

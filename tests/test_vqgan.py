@@ -372,9 +372,9 @@ def test_bad_inputs_name_the_problem():
         model.decode(torch.tensor([[[0, 32]]]))
     with pytest.raises(ValueError, match=r"token ids span \[-1, 0\]"):
         model.decode(torch.tensor([[[0, -1]]]))
-    with pytest.raises(ValueError, match="integers.*float32"):
+    with pytest.raises(ValueError, match=r"integer codebook indices \(int64 \[b, h, w\]\), got dtype torch.float32"):
         model.decode(torch.zeros(1, 2, 2))
-    with pytest.raises(ValueError, match=r"3 dims\), got shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"shape \[b, h, w\], got \(2, 2\) \(add a batch axis"):
         model.decode(torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="tile must be"):
         model.decode(torch.zeros(1, 4, 4, dtype=torch.long), tile=0)

@@ -16,7 +16,8 @@ TINY = VQGANConfig.preset("tiny")
 
 
 def _infer_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
-    """checkpoint-formats.md §7, written independently of the model code."""
+    """The ddconfig from tensor shapes (what ``vqgan_state_dict.infer_vqgan_config`` infers for
+    a checkpoint without a config), written independently of the model code."""
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
     return dict(

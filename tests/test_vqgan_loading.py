@@ -27,13 +27,7 @@ from safetensors.torch import load_file, save_file
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, most of all on a shared CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

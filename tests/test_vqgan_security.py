@@ -33,15 +33,10 @@ from comfyui_sundae.sundae_lib.safe_pickle import (
 from safetensors.torch import save_file
 
 # the crafted pickles declare protocol 4 on purpose; torch warns about that
-pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _placeholder(*args):  # pickled by reference, then its GLOBAL bytes are swapped

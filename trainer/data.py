@@ -2,8 +2,8 @@
 
 - Folders are scanned recursively and sorted; a class label comes from the first-level subfolder
   (when every image sits in one of >= 2 subfolders). Class names that are all integers sort
-  numerically ("2" before "10", unlike ImageFolder: bug B11 of the official code), and the
-  label -> name list is kept as ``label_map``.
+  numerically ("2" before "10", unlike ImageFolder: bug B11 of the official code in
+  docs/official-code.md), and the label -> name list is kept as ``label_map``.
 - ``.npz`` files hold ``images`` uint8 ``[N, H, W]`` or ``[N, H, W, C]`` and optionally
   ``labels`` (ints >= 0) and ``label_names``.
 - Items come out as float ``[c, H, W]`` in [-1, 1] with an int64 label (-1 = none).
