@@ -22,6 +22,7 @@ _EXPORTS = {
     "corrupt_tokens": "noise",
     "sample": "sampler",
     "interrupt_check": "layers",
+    "compile_prior": "compiled",
     # codecs
     "VQGANConfig": "vqgan_config",
     "VQGAN": "vqgan",

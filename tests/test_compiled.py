@@ -1,0 +1,82 @@
+"""compile_prior: the compiled prior samples the same tokens as the eager one, falls back to eager
+(with a warning) when compiling fails, and refuses what it cannot compile."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, compile_prior, sample
+from comfyui_sundae.sundae_lib import compiled as compiled_mod
+from comfyui_sundae.sundae_lib._helpers import unwrap
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prior() -> SundaePrior:
+    torch.manual_seed(0)
+    return SundaePrior(PriorConfig.preset("tiny")).eval()
+
+
+def _draw(prior) -> torch.Tensor:
+    return sample(prior, batch_size=2, steps=3, temperature=1.0, update_proportion=1.0,
+                  early_stop=False, min_steps=0, cfg_scale=1.0,
+                  generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.skipif(compiled_mod.cpu_compiler() is None, reason="no C++ compiler on this machine")
+def test_compiled_prior_samples_the_eager_tokens():
+    prior = _prior()
+    want = _draw(prior)
+    fast = compile_prior(prior)
+    assert unwrap(fast) is prior and fast.config is prior.config
+    # the weights once, under the prefix torch.compile uses (unwrap() strips it for saving)
+    assert list(fast.state_dict()) == [f"_orig_mod.{k}" for k in prior.state_dict()]
+    got = _draw(fast)
+    assert fast.compiled, fast.fallback_reason
+    assert torch.equal(got, want)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    calls = []
+
+    def inductor():  # the backend named in the error
+        pass
+
+    def broken_compile(model, **kwargs):
+        def run(*args, **kw):
+            calls.append(1)
+            raise BackendCompilerFailed(inductor, RuntimeError("no C++ toolchain"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
+    prior = _prior()
+    want = _draw(prior)
+    fast = compile_prior(prior)
+    with caplog.at_level(logging.WARNING, logger=compiled_mod.__name__):
+        got = _draw(fast)
+    assert torch.equal(got, want)
+    assert not fast.compiled and fast.fallback_reason == "RuntimeError: no C++ toolchain"
+    assert len(calls) == 1  # tried once, then eager
+    assert "running it eagerly" in caplog.text
+
+
+def test_model_errors_are_not_swallowed(monkeypatch):
+    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    fast = compile_prior(_prior())
+    with pytest.raises(ValueError, match="tokens"):
+        fast(torch.zeros(1, 8, 8))  # floats: the prior's own check, not a compile failure
+    assert fast.compiled
+
+
+def test_compile_prior_refuses_what_it_cannot_compile(monkeypatch):
+    with pytest.raises(ValueError, match="needs a SundaePrior"):
+        compile_prior(torch.nn.Linear(2, 2))
+    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        compile_prior(_prior())
