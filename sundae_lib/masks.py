@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 RULES = ("any", "all", "coverage")
 
@@ -102,6 +102,7 @@ def token_mask_from_pixels(
     threshold: float = 0.5,
     grow: int = 0,
     image_size: Sequence[int] | None = None,
+    channels: int = 1,
 ) -> torch.Tensor:
     """Reduce a pixel mask (True/1 = regenerate) to a token mask on a ``grid = (h, w)``.
 
@@ -117,7 +118,10 @@ def token_mask_from_pixels(
       kept side: a token is kept if any of its pixels is kept);
     - ``rule="coverage"``: the mean mask value over the cell is >= ``threshold`` (0 < t <= 1).
 
-    Then the token mask is grown by ``grow`` tokens. Returns bool ``[b, h, w]``.
+    Then the token mask is grown by ``grow`` tokens. ``channels > 1`` is for a pixel codec
+    (factor 1) that interleaves its channels along the width (``w = W * channels``): the mask is
+    reduced on the ``(h, w / channels)`` pixel grid, grown there, and each pixel's decision is
+    repeated for its ``channels`` tokens. Returns bool ``[b, h, w]``.
     """
     if rule not in RULES:
         raise ValueError(f"token_mask_from_pixels: rule {rule!r} is not one of {list(RULES)}")
@@ -130,8 +134,14 @@ def token_mask_from_pixels(
         raise ValueError(f"token_mask_from_pixels: factor must be >= 1, got {factor}")
     if len(grid) != 2 or int(grid[0]) < 1 or int(grid[1]) < 1:
         raise ValueError(f"token_mask_from_pixels: grid must be (h, w) with both >= 1, got {tuple(grid)}")
+    c = int(channels)
+    if c < 1 or (c > 1 and (int(factor) != 1 or int(grid[1]) % c)):
+        raise ValueError(
+            f"token_mask_from_pixels: channels={channels} needs factor 1 and a grid width that is a "
+            f"multiple of it (a pixel codec's interleaved channels), got factor {factor}, grid {tuple(grid)}"
+        )
     f = int(factor)
-    gh, gw = int(grid[0]), int(grid[1])
+    gh, gw = int(grid[0]), int(grid[1]) // c
     if image_size is not None:
         m = fit_mask_to_grid(mask, image_size=image_size, factor=f, grid=(gh, gw))
     else:
@@ -143,7 +153,8 @@ def token_mask_from_pixels(
         out = (cells >= PIXEL_ON).all(dim=-1)
     else:
         out = cells.mean(dim=-1) >= float(threshold) - 1e-6
-    return grow_token_mask(out, int(grow))
+    out = grow_token_mask(out, int(grow))
+    return out if c == 1 else repeat(out, "b h w -> b h (w c)", c=c)
 
 
 __all__ = ["RULES", "fit_mask_to_grid", "grow_token_mask", "resize_mask", "token_mask_from_pixels"]

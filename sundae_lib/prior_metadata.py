@@ -137,6 +137,11 @@ class SamplingDefaults:
                            META_SAMPLING, exc, cls())
             return cls()
 
+    def merged(self, **given: Any) -> SamplingDefaults:
+        """These settings with the ``given`` ones that are not None put over them (validated):
+        what ``sample()`` will use when called with ``given``."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``sample()`` these settings give (the six fields above, not a
         subclass's extra keys)."""
