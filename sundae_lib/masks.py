@@ -4,6 +4,21 @@ Pure tensor helpers shared by the ComfyUI ``Latent Mask`` node and ``sundae-trai
 Polarity everywhere: **True / 1 = regenerate**, False / 0 = keep (ComfyUI's MASK convention;
 the official code's ``inpaint_mask`` is the inverse).
 
+The path of a mask, from the user's pixels to the sampler's ``torch.where`` (three files between
+the node's input and the sampler; one conversion, one broadcast, one empty-mask shortcut):
+
+1. ``nodes/mask_node.py`` (Latent Mask: MASK ``[B, H, W]``) or ``trainer/sample_cmd.py``
+   (``inpaint --mask / --box``) calls :func:`token_mask_from_pixels` (here): pixels -> bool
+   token mask ``[m, h, w]``, the only pixel-to-token conversion (a pixel codec's interleaved
+   channels included).
+2. ``nodes/types.py``: the node attaches it to the tokens as ``TokenBatch.mask``, unrepeated
+   (``m = 1``: one mask for every image; one image with several masks is repeated per mask).
+3. ``nodes/sampler_node.py`` passes tokens and mask as they are to ``sample()`` with
+   ``batch_size = n * B`` (n samples per input image).
+4. ``sampler.py``: ``sample()`` spreads init tokens and mask over the sample batch (``_spread``,
+   the one broadcast), returns the input for an all-False mask (the one shortcut), and keeps the
+   unmasked tokens with ``torch.where`` at the start and at every step.
+
 Axis legend (einops): ``b`` batch, ``h``/``w`` token grid, ``fh``/``fw`` the ``factor × factor``
 pixel cell behind one token.
 """
