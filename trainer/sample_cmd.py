@@ -60,9 +60,10 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
     from ..sundae_lib import PixelCodec, load_vqgan
     from ..sundae_lib._helpers import is_hf_source, source_sha256
     from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
+    from ..sundae_lib.prior_metadata import META_VQGAN_SOURCE, metadata_of
 
-    meta = getattr(prior, "metadata", {}) or {}
-    spec = CodecSpec.from_metadata(meta)
+    meta = metadata_of(prior)
+    spec = CodecSpec.from_metadata(meta)  # strict: a malformed codec record is an error here
     sha = None
     if vqgan:
         codec = PixelCodec.from_spec(vqgan) if vqgan.startswith("pixel") else load_vqgan(vqgan)
@@ -80,7 +81,7 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             candidates = [SHIPPED / "vqgan" / name]
             if here is not None:
                 candidates = [here / name, here.parent / "vqgan" / name, *candidates]
-            recorded = meta.get("sundae.vqgan_source", "")
+            recorded = meta.get(META_VQGAN_SOURCE, "")
             if recorded and not recorded.startswith("hf://"):
                 candidates.append(Path(recorded))
             codec = None
