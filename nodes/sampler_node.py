@@ -93,7 +93,7 @@ class SundaeSampler:
         _check_codebooks(prior, vqgan)
         label = resolve_class(prior.model, class_label, where="SundaeSampler: class_label")
         settings, cfg = _settings(prior, steps, (temperature_start, temperature_end), (update_start, update_end),
-                                  early_stop, cfg_scale)
+                                  early_stop, cfg_scale, null_class=label < 0)
 
         if tokens is not None:
             if vqgan is not None:
@@ -124,7 +124,7 @@ class SundaeSampler:
 
 
 def _settings(prior: PriorHandle, steps: int, temperature: tuple[float, float], update: tuple[float, float],
-              early_stop: bool, cfg_scale: float) -> tuple[SamplingDefaults, float | None]:
+              early_stop: bool, cfg_scale: float, *, null_class: bool) -> tuple[SamplingDefaults, float | None]:
     """The widgets over the prior's recommended settings: a widget at 0 takes the recorded value.
     Returns the settings and the cfg to pass (None = the prior's, which ``sample()`` skips where
     guidance has nothing to act on, e.g. the null class)."""
@@ -138,7 +138,9 @@ def _settings(prior: PriorHandle, steps: int, temperature: tuple[float, float], 
     from_prior = [name for name, value in (("steps", steps), ("temperature_start", temperature[0]),
                                           ("temperature_end", temperature[1]), ("update_start", update[0]),
                                           ("update_end", update[1]), ("cfg_scale", cfg_scale)) if not value]
-    logger.info("SundaeSampler: %s%s", settings.describe(),
+    skipped = not cfg_scale and null_class and settings.cfg_scale != 1.0
+    logger.info("SundaeSampler: %s%s%s", settings.describe(),
+                " (the recorded guidance does nothing for the null class: skipped)" if skipped else "",
                 f" ({', '.join(from_prior)} at 0: the prior's recommended values)" if from_prior else "")
     return settings, cfg_scale or None
 

@@ -208,7 +208,8 @@ def prior(**options) -> None:
     """Train a SUNDAE prior on a latent dataset (from 'latents') or on images with the pixel codec.
 
     The final weights (EMA when enabled) go to run.out_dir/run.export as a native prior file that
-    load_prior and the ComfyUI loader read; it records its codec and class names.
+    load_prior and the ComfyUI loader read; it records its codec, class names and the [sampling]
+    table, which become the defaults of sample(), 'sundae-train sample' and the ComfyUI sampler.
     """
     _train("prior", **options)
 
