@@ -143,6 +143,9 @@ def test_sample_takes_unset_settings_from_the_record(tmp_path, guided):
     assert torch.equal(got, explicit)
     unguided = sample(prior, batch_size=2, labels=[1, 2], cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(got, unguided)  # the cfg really came from the file
+    guided.clear()
+    sample(prior, labels=[1], steps=3, generator=torch.Generator().manual_seed(3))  # steps given, cfg not
+    assert guided == [2.5] * 3
 
 
 def test_explicit_arguments_win(tmp_path, guided):
