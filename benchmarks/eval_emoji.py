@@ -141,7 +141,7 @@ def get_judge(train: dict, args, device: torch.device) -> tuple[Judge, dict]:
 
 def load_models(args, names: list[str], device: torch.device):
     """The VQ-GAN (and, unless --vqgan-only, the prior), checked against each other and the data."""
-    from comfyui_sundae.sundae_lib import load_prior, load_vqgan
+    from comfyui_sundae.sundae_lib import PriorMetadata, load_prior, load_vqgan
 
     codec = load_vqgan(args.vqgan).to(device).eval()
     if args.vqgan_only:
@@ -156,7 +156,7 @@ def load_models(args, names: list[str], device: torch.device):
         raise SystemExit(f"the VQ-GAN has {codec.codebook_size} codes, the prior {prior.codebook_size}")
     if prior.num_classes != len(names):
         raise SystemExit(f"the prior has {prior.num_classes} classes, the data {len(names)} ({names})")
-    label_map = json.loads(prior.metadata.get("sundae.label_map") or "null")
+    label_map = PriorMetadata.of(prior, strict=True).label_map
     if label_map and list(label_map) != names:
         raise SystemExit(f"the prior's classes {label_map} differ from the data's {names}")
     return codec, prior
@@ -226,22 +226,16 @@ def _schedule(text: str) -> tuple[float, float]:
 
 
 def sampling_settings(prior, args) -> dict:
-    """The prior's recorded settings (``sundae.sampling``, written by the trainer) with the
-    command-line overrides; steps default to the recorded number capped at 25."""
-    try:
-        rec = json.loads(prior.metadata.get("sundae.sampling", "{}") or "{}")
-    except json.JSONDecodeError:
-        rec = {}
-    steps = args.steps or min(int(rec.get("steps", 25)), 25)
-    return {
-        "steps": steps,
-        "temperature": args.temperature or tuple(rec.get("temperature", (1.0, 0.7))),
-        "update_proportion": args.update_proportion or tuple(rec.get("update_proportion", (1.0, 1.0))),
-        "early_stop": False if args.no_early_stop else bool(rec.get("early_stop", True)),
-        "min_steps": int(rec.get("min_steps", 10)),
-        "cfg_scale": float(rec.get("cfg_scale", 1.0)),
-        "recorded": rec,
-    }
+    """The prior's recorded settings (``SamplingDefaults.from_prior``: ``sundae.sampling``, else
+    the library defaults) with the command-line overrides; steps default to the recorded number
+    capped at 25."""
+    from comfyui_sundae.sundae_lib import PriorMetadata, SamplingDefaults
+
+    rec = SamplingDefaults.from_prior(prior)
+    used = rec.merged(steps=args.steps or min(rec.steps, 25), temperature=args.temperature,
+                      update_proportion=args.update_proportion, early_stop=False if args.no_early_stop else None)
+    recorded = PriorMetadata.of(prior).sampling
+    return {**used.sample_kwargs(), "recorded": recorded.to_record() if recorded is not None else {}}
 
 
 def _sync(device: torch.device) -> None:

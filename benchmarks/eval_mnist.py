@@ -150,15 +150,13 @@ INPAINT_PER_CLASS: list = [None]  # --inpaint-per-class
 
 
 def recorded_sampling(prior) -> dict:
-    """The temperature / update-proportion schedule the trainer recorded in the prior's metadata
-    (``sundae.sampling``), which is what ``sundae-train sample`` uses; ``{}`` when absent.
-    ``--temperature`` / ``--update-proportion`` replace it."""
-    try:
-        rec = json.loads(getattr(prior, "metadata", {}).get("sundae.sampling", "{}"))
-    except json.JSONDecodeError:
-        rec = {}
-    out = {k: tuple(rec[k]) for k in ("temperature", "update_proportion") if k in rec}
-    return {**out, **SCHEDULE_OVERRIDE}
+    """The temperature / update-proportion schedule the prior records (``sundae.sampling``, else
+    the library defaults: ``SamplingDefaults.from_prior``), which is what ``sundae-train sample``
+    uses. ``--temperature`` / ``--update-proportion`` replace it."""
+    from comfyui_sundae.sundae_lib import SamplingDefaults
+
+    rec = SamplingDefaults.from_prior(prior)
+    return {"temperature": rec.temperature, "update_proportion": rec.update_proportion, **SCHEDULE_OVERRIDE}
 
 
 def _schedule(text: str) -> tuple[float, float]:

@@ -68,6 +68,16 @@ def widgets(wf: dict, node_type: str) -> list:
     return []
 
 
+def sampler_settings(prior_name: str, s: dict):
+    """The settings the sampler node used: its widgets, the prior's recorded value where one is 0
+    (as ``nodes.sampler_node._settings``)."""
+    from comfyui_sundae.sundae_lib import SamplingDefaults, load_prior
+
+    rec = SamplingDefaults.from_prior(load_prior(prior_name))
+    return rec.merged(steps=s["steps"] or None, cfg_scale=s["cfg"] or None,
+                      temperature=(s["t0"] or rec.temperature[0], s["t1"] or rec.temperature[1]))
+
+
 def tile(img: Image.Image, height: int) -> Image.Image:
     scale = max(1, height // img.height)
     return img.convert("RGB").resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
@@ -129,6 +139,8 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=4, help="output images per card")
     ap.add_argument("--only", nargs="*", metavar="NAME", help="only these workflows (file stems)")
     args = ap.parse_args()
+    from comfyui_sundae.sundae_lib import labels
+
     for path in sorted(WORKFLOWS.glob("*.json")):
         if args.only and path.stem not in args.only:
             continue
@@ -147,9 +159,12 @@ def main() -> None:
             inp = Image.alpha_composite(bg, inp)
         s = dict(zip(SAMPLER_WIDGETS, widgets(wf, "SundaeSampler"), strict=False))  # + width, height
         prior = widgets(wf, "SundaeLoadPrior")[0].removesuffix(".safetensors")
-        klass = "any class" if s.get("class", -1) < 0 else f"class {s['class']}"
-        caption = (f"real ComfyUI output: {prior}, {s['steps']} steps, T {s['t0']}->{s['t1']}, "
-                   f"cfg {s['cfg']}, {klass}" + (f", strength {s['strength']}" if s.get("strength", 1) != 1 else ""))
+        used = sampler_settings(prior, s)
+        klass = str(s.get("class", "none")).strip()
+        klass = "any class" if klass.lower() in labels.NULL_WORDS else f"class {klass}"
+        caption = (f"real ComfyUI output: {prior}, {used.steps} steps, T {used.temperature[0]:g}->"
+                   f"{used.temperature[1]:g}, cfg {used.cfg_scale:g}, {klass}"
+                   + (f", strength {s['strength']}" if s.get("strength", 1) != 1 else ""))
         holes = inp is not None and load and ("holes" in load[0] or Image.open(WORKFLOWS / load[0]).mode == "RGBA")
         inp_caption = "input (grey = hole)" if holes else "input"
         im = card(TITLES.get(path.stem, path.stem), node_chain(wf), inp, outs, caption, inp_caption)

@@ -63,11 +63,3 @@ def image_to_pil(image: torch.Tensor):
 
 def tokens_on(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tokens.to(device=device, dtype=torch.long)
-
-
-def repeat_batch(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
-    """Repeat each batch item ``times`` times (``[b, ...] -> [b*times, ...]``, items stay
-    together); None stays None."""
-    if t is None or times == 1:
-        return t
-    return t.repeat_interleave(times, dim=0)

@@ -13,7 +13,8 @@ import logging
 import re
 
 from .. import sundae_lib
-from ..sundae_lib.codec_spec import CodecSpec
+from ..sundae_lib.codec_spec import META_CODEC, CodecSpec
+from ..sundae_lib.prior_metadata import metadata_of
 from . import comfy_adapter as comfy
 from .types import PRIOR_TYPE, VQGAN_TYPE, CodecHandle, PriorHandle
 
@@ -164,7 +165,7 @@ class SundaeLoadPrior:
     def load(self, prior_name: str, dtype: str = "auto"):
         path = comfy.resolve_model_path("sundae", prior_name)
         model = sundae_lib.load_prior(str(path))
-        codec = getattr(model, "metadata", {}).get("sundae.codec")
+        codec = metadata_of(model).get(META_CODEC)  # the raw string, for messages; parsed by CodecSpec
         model, device, dt = _place(model, dtype)
         handle = PriorHandle(
             model=model, name=prior_name, device=device, dtype=dt, codec=codec,

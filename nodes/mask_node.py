@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import torch
+from einops import repeat
 
 from ..sundae_lib.masks import RULES, token_mask_from_pixels
-from .convert import repeat_batch
 from .types import TOKENS_TYPE, TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -69,17 +69,16 @@ class SundaeLatentMask:
             mask.detach().to("cpu"), factor=tokens.factor, grid=tokens.grid, rule=rule,
             threshold=threshold, grow=grow, image_size=tokens.pixel_size,
         )
+        # one mask serves every image as it is ([1, h, w]; the sampler spreads it); several masks
+        # over one image repeat the image, one per mask
         t, b_mask = tokens.tokens, token_mask.shape[0]
-        if b_mask != t.shape[0]:
-            if b_mask == 1:
-                token_mask = token_mask.expand(t.shape[0], -1, -1).clone()
-            elif t.shape[0] == 1:
-                t = repeat_batch(t, b_mask)
-            else:
+        if b_mask not in (1, t.shape[0]):
+            if t.shape[0] != 1:
                 raise ValueError(
                     f"SundaeLatentMask: the mask batch ({b_mask}) and the tokens batch ({t.shape[0]}) "
                     "differ; give one mask, one image, or equally many of both"
                 )
+            t = repeat(t, "1 h w -> b h w", b=b_mask).clone()
         logger.info(
             "SundaeLatentMask: %d of %d tokens to regenerate (rule %s, grow %d)",
             int(token_mask.sum()), token_mask.numel(), rule, grow,

@@ -1,4 +1,12 @@
-"""SUNDAE Sampler: generation, class-conditional generation, inpainting and variations."""
+"""SUNDAE Sampler: generation, class-conditional generation, inpainting and variations.
+
+Sampler settings at 0 (steps, temperatures, update proportions, cfg) take the prior's
+recommended value, the one its file records (``SamplingDefaults.from_prior``; the library
+defaults for a file that records none); a non-zero widget overrides that one setting. The class
+is an id or a name of the prior's label map, resolved by ``sundae_lib.labels``. Tokens and their
+mask go to ``sample()`` as they are: the library spreads them over the batch and returns an
+empty-mask inpainting unchanged (the mask's whole path: ``sundae_lib.masks``).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +20,11 @@ from .. import sundae_lib
 from ..sundae_lib._helpers import source_sha256
 from ..sundae_lib.checks import check_tokens
 from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
+from ..sundae_lib.labels import resolve_class
+from ..sundae_lib.prior_metadata import SamplingDefaults
 from . import comfy_adapter as comfy
 from .codec_nodes import check_tokens_fit_codec
-from .convert import codec_to_image, image_to_pil, repeat_batch, tokens_on
+from .convert import codec_to_image, image_to_pil, tokens_on
 from .types import PRIOR_TYPE, TOKENS_TYPE, VQGAN_TYPE, CodecHandle, PriorHandle, TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -35,8 +45,9 @@ class SundaeSampler:
     DESCRIPTION = (
         "Samples tokens with a SUNDAE prior: every step proposes new tokens for the whole grid in "
         "parallel. Without tokens it generates images of the given size; with tokens it inpaints "
-        "their masked part (Latent Mask) or makes variations (strength below 1). Connect the "
-        "VQ-GAN to see live previews."
+        "their masked part (Latent Mask) or makes variations (strength below 1). Settings left at 0 "
+        "use the prior's recommended values (recorded in its file). Connect the VQ-GAN to see live "
+        "previews."
     )
     CATEGORY = "sundae"
     RETURN_TYPES = (TOKENS_TYPE,)
@@ -54,15 +65,15 @@ class SundaeSampler:
                     {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                      "tooltip": "The random seed; the same seed and settings give the same images."},
                 ),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Maximum number of denoising steps; more steps refine further but take longer."}),
-                "temperature_start": _float(1.0, 0.01, 5.0, 0.01, "Sampling temperature at the first step; higher gives more varied, noisier proposals."),
-                "temperature_end": _float(0.7, 0.01, 5.0, 0.01, "Sampling temperature at the last step (linear schedule); lower gives cleaner, less varied results."),
-                "update_start": _float(1.0, 0.01, 1.0, 0.01, "Fraction of tokens that may change at the first step; higher moves faster."),
-                "update_end": _float(1.0, 0.01, 1.0, 0.01, "Fraction of tokens that may change at the last step; lower settles more gently."),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Maximum number of denoising steps; 0 = the prior's recommended number; more steps refine further but take longer."}),
+                "temperature_start": _float(0.0, 0.0, 5.0, 0.01, "Sampling temperature at the first step; 0 = the prior's recommended value; higher gives more varied, noisier proposals."),
+                "temperature_end": _float(0.0, 0.0, 5.0, 0.01, "Sampling temperature at the last step (linear schedule); 0 = the prior's recommended value; lower gives cleaner, less varied results."),
+                "update_start": _float(0.0, 0.0, 1.0, 0.01, "Fraction of tokens that may change at the first step; 0 = the prior's recommended value; higher moves faster."),
+                "update_end": _float(0.0, 0.0, 1.0, 0.01, "Fraction of tokens that may change at the last step; 0 = the prior's recommended value; lower settles more gently."),
                 "early_stop": ("BOOLEAN", {"default": True, "tooltip": "Stop a sample once a step changes none of its tokens (faster); off always runs every step."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Images to generate (per input image when tokens are connected); more takes longer."}),
-                "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip": "The class to generate for a class-conditional prior (e.g. the digit 0-9); -1 = unconditional (the null class)."}),
-                "cfg_scale": _float(1.0, 0.0, 30.0, 0.1, "Classifier-free guidance for a class: 1 = off, higher follows the class more strongly at the cost of variety."),
+                "class_label": ("STRING", {"default": "none", "tooltip": "The class for a class-conditional prior: an id (e.g. 7) or a name of the prior's label map (e.g. Animals & Nature); none or -1 = unconditional (the null class)."}),
+                "cfg_scale": _float(0.0, 0.0, 30.0, 0.1, "Classifier-free guidance for a class: 0 = the prior's recommended scale, 1 = off, higher follows the class more strongly at the cost of variety."),
                 "strength": _float(1.0, MIN_STRENGTH, 1.0, 0.01, "With input tokens: how much may change; 1 regenerates fully (or the whole mask), lower keeps more of the input (variations)."),
                 "width": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image width in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained width; larger gives wider images."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": MAX_SIZE, "step": 1, "tooltip": "Image height in pixels when no tokens are connected, rounded to the codec factor; 0 = the prior's trained height; larger gives taller images."}),
@@ -74,25 +85,22 @@ class SundaeSampler:
         }
 
     def run(self, prior: PriorHandle, seed: int, steps: int, temperature_start: float, temperature_end: float,
-            update_start: float, update_end: float, early_stop: bool, batch_size: int, class_label: int,
+            update_start: float, update_end: float, early_stop: bool, batch_size: int, class_label: str | int,
             cfg_scale: float, strength: float, width: int, height: int,
             tokens: TokenBatch | None = None, vqgan: CodecHandle | None = None):
         comfy.throw_if_interrupted()
         _check_strength(strength, tokens)
         _check_codebooks(prior, vqgan)
-        labels = _labels(prior, class_label, batch_size * (tokens.batch_size if tokens is not None else 1))
+        label = resolve_class(prior.model, class_label, where="SundaeSampler: class_label")
+        settings, cfg = _settings(prior, steps, (temperature_start, temperature_end), (update_start, update_end),
+                                  early_stop, cfg_scale, null_class=label < 0)
 
         if tokens is not None:
             if vqgan is not None:
                 check_tokens_fit_codec(tokens, vqgan, node="SundaeSampler")
             _check_tokens_fit_prior(tokens, prior)
-            out = tokens.replace(tokens=repeat_batch(tokens.tokens, batch_size), mask=repeat_batch(tokens.mask, batch_size))
-            if out.mask is not None and not bool(out.mask.any()):
-                logger.info("SundaeSampler: the mask is empty, nothing to regenerate: returning the input tokens")
-                return (out,)
-            init, mask, grid = tokens_on(out.tokens, prior.device), out.mask, out.grid
-            if mask is not None:
-                mask = mask.to(prior.device)
+            out, init, mask, grid = tokens, tokens_on(tokens.tokens, prior.device), tokens.mask, tokens.grid
+            total = batch_size * tokens.batch_size  # batch_size samples of every input grid, consecutive
         else:
             grid, factor = _grid_for_size(prior, vqgan, width, height)
             out = TokenBatch(
@@ -100,19 +108,41 @@ class SundaeSampler:
                 codec_id=vqgan.codec_id if vqgan is not None else None,
             )
             init = mask = None
+            total = batch_size
 
         # a CPU generator: the same seed gives the same images on every device
         generator = torch.Generator().manual_seed(int(seed))
-        callback = _Progress(steps, vqgan, out)
+        callback = _Progress(settings.steps, vqgan, out)
         result = sundae_lib.sample(
-            prior.model, batch_size=out.batch_size, grid=grid, steps=steps,
-            temperature=(temperature_start, temperature_end), update_proportion=(update_start, update_end),
-            early_stop=early_stop, labels=labels, cfg_scale=cfg_scale, init_tokens=init, mask=mask,
-            strength=strength, generator=generator, callback=callback,
+            prior.model, batch_size=total, grid=grid, steps=settings.steps, temperature=settings.temperature,
+            update_proportion=settings.update_proportion, early_stop=early_stop, labels=label, cfg_scale=cfg,
+            init_tokens=init, mask=mask, strength=strength, generator=generator, callback=callback,
             check_interrupt=comfy.throw_if_interrupted,  # Cancel inside a step, between blocks
         )
         callback.finish()
         return (out.replace(tokens=result.to("cpu", torch.long)),)
+
+
+def _settings(prior: PriorHandle, steps: int, temperature: tuple[float, float], update: tuple[float, float],
+              early_stop: bool, cfg_scale: float, *, null_class: bool) -> tuple[SamplingDefaults, float | None]:
+    """The widgets over the prior's recommended settings: a widget at 0 takes the recorded value.
+    Returns the settings and the cfg to pass (None = the prior's, which ``sample()`` skips where
+    guidance has nothing to act on, e.g. the null class)."""
+    recorded = SamplingDefaults.from_prior(prior.model)
+    settings = recorded.merged(
+        steps=steps or None,
+        temperature=tuple(v or r for v, r in zip(temperature, recorded.temperature, strict=True)),
+        update_proportion=tuple(v or r for v, r in zip(update, recorded.update_proportion, strict=True)),
+        early_stop=early_stop, cfg_scale=cfg_scale or None,
+    )
+    from_prior = [name for name, value in (("steps", steps), ("temperature_start", temperature[0]),
+                                          ("temperature_end", temperature[1]), ("update_start", update[0]),
+                                          ("update_end", update[1]), ("cfg_scale", cfg_scale)) if not value]
+    skipped = not cfg_scale and null_class and settings.cfg_scale != 1.0
+    logger.info("SundaeSampler: %s%s%s", settings.describe(),
+                " (the recorded guidance does nothing for the null class: skipped)" if skipped else "",
+                f" ({', '.join(from_prior)} at 0: the prior's recommended values)" if from_prior else "")
+    return settings, cfg_scale or None
 
 
 def _check_strength(strength: float, tokens: TokenBatch | None) -> None:
@@ -173,30 +203,6 @@ def _check_tokens_fit_prior(tokens: TokenBatch, prior: PriorHandle) -> None:
             f"SundaeSampler: the input tokens come from a factor-{tokens.factor} codec but prior "
             f"{prior.name!r} was trained on a factor-{prior.factor} codec ({prior.codec}) — encode with that one"
         )
-
-
-def _labels(prior: PriorHandle, class_label: int, batch: int) -> torch.Tensor | None:
-    n = int(prior.model.num_classes)
-    if n == 0:
-        if class_label != -1:
-            raise ValueError(
-                f"SundaeSampler: class_label {class_label} given but prior {prior.name!r} is "
-                "unconditional (it has no classes) — set class_label to -1"
-            )
-        return None
-    if class_label == -1:
-        if not prior.model.has_null_class:
-            raise ValueError(
-                f"SundaeSampler: prior {prior.name!r} has no null class, so it cannot sample "
-                f"unconditionally — set class_label to a class 0..{n - 1}"
-            )
-    elif not 0 <= class_label < n:
-        raise ValueError(
-            f"SundaeSampler: class_label {class_label} is out of range: prior {prior.name!r} has "
-            f"{n} classes — use 0..{n - 1}, or -1 for unconditional"
-            f"{'' if prior.model.has_null_class else ' (not available for this prior)'}"
-        )
-    return torch.full((batch,), class_label, dtype=torch.long, device=prior.device)
 
 
 def _grid_for_size(prior: PriorHandle, vqgan: CodecHandle | None, width: int, height: int):

@@ -75,7 +75,9 @@ class TokenBatch:
     """Tokens plus what is needed to decode and inpaint them.
 
     tokens: int64 ``[b, h, w]`` on the CPU.
-    mask: bool ``[b, h, w]`` (True = regenerate) or None (no inpainting mask).
+    mask: bool ``[m, h, w]`` (True = regenerate) with ``m`` dividing ``b`` — mask ``i`` covers the
+        ``b / m`` consecutive grids ``i*b/m ...`` (``m = 1``: one mask for all, ``m = b``: one
+        each; the sampler's rule, so its output keeps the input's mask) — or None (no mask).
     factor: pixels per token along each axis (1 for pixel codecs), or None when unknown (tokens
         sampled with neither a VQ-GAN connected nor a factor in the prior's metadata; Decode
         then takes its codec's factor).
@@ -100,10 +102,12 @@ class TokenBatch:
             )
         if self.mask is not None:
             m = self.mask
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(t.shape):
+            if (not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.ndim != 3
+                    or tuple(m.shape[1:]) != tuple(t.shape[1:]) or m.shape[0] == 0 or t.shape[0] % m.shape[0]):
                 raise ValueError(
-                    f"TokenBatch.mask must be a bool tensor shaped like the tokens {tuple(t.shape)}, "
-                    f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}"
+                    f"TokenBatch.mask must be a bool tensor [m, h, w] over the tokens' grid {tuple(t.shape[1:])} "
+                    f"with m dividing their batch {t.shape[0]}, got "
+                    f"{getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}"
                 )
         if self.factor is not None and int(self.factor) < 1:
             raise ValueError(f"TokenBatch.factor must be >= 1, got {self.factor}")

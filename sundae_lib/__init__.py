@@ -32,6 +32,10 @@ _EXPORTS = {
     # the codec a prior records, and whether a codec fits it
     "CodecSpec": "codec_spec",
     "check_codec_pairing": "codec_spec",
+    # what a prior file records: sampler defaults, class names; resolving a class
+    "SamplingDefaults": "prior_metadata",
+    "PriorMetadata": "prior_metadata",
+    "resolve_class": "labels",
     # inpainting masks
     "token_mask_from_pixels": "masks",
     "resize_mask": "masks",

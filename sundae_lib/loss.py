@@ -38,6 +38,7 @@ from einops import rearrange
 
 from ._helpers import module_device, unwrap
 from .checks import check_int, check_number, check_tokens
+from .labels import resolve_labels
 from .noise import corrupt_tokens, same_device, sample_categorical, uniform
 from .prior import forward_unchecked
 
@@ -82,75 +83,6 @@ def random_regions(
 # --------------------------------------------------------------------------------------------
 # the objective
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_labels(
-    prior: torch.nn.Module,
-    labels: int | list[int] | tuple[int, ...] | torch.Tensor | None,
-    batch: int,
-    device: torch.device,
-    where: str,
-) -> torch.Tensor | None:
-    """Validate ``labels`` against the prior and return int64 ``[batch]`` on ``device`` (``-1``
-    = null class) for a conditional prior, or ``None`` for an unconditional one.
-
-    Accepts None, an int (same class for the whole batch), a list / tuple or a tensor of ``batch``
-    entries (or of one entry, broadcast). On a conditional prior ``None`` means the null class;
-    on an unconditional prior only None or all ``-1`` are accepted."""
-    prior = unwrap(prior)
-    num_classes = int(prior.num_classes)
-    has_null = bool(prior.has_null_class) if num_classes > 0 else False
-    if labels is None:
-        if num_classes == 0:
-            return None
-        if not has_null:
-            raise ValueError(
-                f"{where}: this prior is class-conditional ({num_classes} classes) without a null "
-                f"class, so it needs labels: pass labels=0..{num_classes - 1}"
-            )
-        return torch.full((batch,), -1, dtype=torch.long, device=device)
-    if isinstance(labels, bool):
-        raise ValueError(f"{where}: labels must be int(s), got a bool {labels!r}")
-    if isinstance(labels, int):
-        t = torch.full((batch,), labels, dtype=torch.long)
-    elif isinstance(labels, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-            raise ValueError(f"{where}: labels must be a list of ints, got {labels!r}")
-        t = torch.tensor(list(labels), dtype=torch.long)
-    elif isinstance(labels, torch.Tensor):
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(
-                f"{where}: labels must be an integer tensor [b], got dtype {labels.dtype}"
-            )
-        t = labels.reshape(-1) if labels.dim() <= 1 else labels
-    else:
-        raise ValueError(
-            f"{where}: labels must be None, an int, a list of ints or an int tensor [b], got "
-            f"{type(labels).__name__}"
-        )
-    if t.dim() != 1 or t.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{where}: labels must have {batch} entries (one per sample) or 1 (for all), got "
-            f"shape {tuple(t.shape)}"
-        )
-    t = t.to(device=device, dtype=torch.long).expand(batch).clone()
-    lo, hi = (int(v) for v in t.aminmax())
-    if num_classes == 0:
-        if lo == hi == -1:
-            return None
-        raise ValueError(
-            f"{where}: this prior is unconditional (num_classes = 0) but got class labels in "
-            f"[{lo}, {hi}]; pass labels=None (or -1), or load a class-conditional prior"
-        )
-    low_ok = -1 if has_null else 0
-    if lo < low_ok or hi >= num_classes:
-        allowed = (
-            f"-1 (null / unconditional) or 0..{num_classes - 1}"
-            if has_null
-            else (f"0..{num_classes - 1} (this prior has no null class, so -1 is not allowed)")
-        )
-        raise ValueError(f"{where}: labels must be {allowed}, got values in [{lo}, {hi}]")
-    return t
 
 
 def sundae_loss(

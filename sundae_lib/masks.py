@@ -4,6 +4,21 @@ Pure tensor helpers shared by the ComfyUI ``Latent Mask`` node and ``sundae-trai
 Polarity everywhere: **True / 1 = regenerate**, False / 0 = keep (ComfyUI's MASK convention;
 the official code's ``inpaint_mask`` is the inverse).
 
+The path of a mask, from the user's pixels to the sampler's ``torch.where`` (three files between
+the node's input and the sampler; one conversion, one broadcast, one empty-mask shortcut):
+
+1. ``nodes/mask_node.py`` (Latent Mask: MASK ``[B, H, W]``) or ``trainer/sample_cmd.py``
+   (``inpaint --mask / --box``) calls :func:`token_mask_from_pixels` (here): pixels -> bool
+   token mask ``[m, h, w]``, the only pixel-to-token conversion (a pixel codec's interleaved
+   channels included).
+2. ``nodes/types.py``: the node attaches it to the tokens as ``TokenBatch.mask``, unrepeated
+   (``m = 1``: one mask for every image; one image with several masks is repeated per mask).
+3. ``nodes/sampler_node.py`` passes tokens and mask as they are to ``sample()`` with
+   ``batch_size = n * B`` (n samples per input image).
+4. ``sampler.py``: ``sample()`` spreads init tokens and mask over the sample batch (``_spread``,
+   the one broadcast), returns the input for an all-False mask (the one shortcut), and keeps the
+   unmasked tokens with ``torch.where`` at the start and at every step.
+
 Axis legend (einops): ``b`` batch, ``h``/``w`` token grid, ``fh``/``fw`` the ``factor × factor``
 pixel cell behind one token.
 """
@@ -14,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 RULES = ("any", "all", "coverage")
 
@@ -102,6 +117,7 @@ def token_mask_from_pixels(
     threshold: float = 0.5,
     grow: int = 0,
     image_size: Sequence[int] | None = None,
+    channels: int = 1,
 ) -> torch.Tensor:
     """Reduce a pixel mask (True/1 = regenerate) to a token mask on a ``grid = (h, w)``.
 
@@ -117,7 +133,10 @@ def token_mask_from_pixels(
       kept side: a token is kept if any of its pixels is kept);
     - ``rule="coverage"``: the mean mask value over the cell is >= ``threshold`` (0 < t <= 1).
 
-    Then the token mask is grown by ``grow`` tokens. Returns bool ``[b, h, w]``.
+    Then the token mask is grown by ``grow`` tokens. ``channels > 1`` is for a pixel codec
+    (factor 1) that interleaves its channels along the width (``w = W * channels``): the mask is
+    reduced on the ``(h, w / channels)`` pixel grid, grown there, and each pixel's decision is
+    repeated for its ``channels`` tokens. Returns bool ``[b, h, w]``.
     """
     if rule not in RULES:
         raise ValueError(f"token_mask_from_pixels: rule {rule!r} is not one of {list(RULES)}")
@@ -130,8 +149,14 @@ def token_mask_from_pixels(
         raise ValueError(f"token_mask_from_pixels: factor must be >= 1, got {factor}")
     if len(grid) != 2 or int(grid[0]) < 1 or int(grid[1]) < 1:
         raise ValueError(f"token_mask_from_pixels: grid must be (h, w) with both >= 1, got {tuple(grid)}")
+    c = int(channels)
+    if c < 1 or (c > 1 and (int(factor) != 1 or int(grid[1]) % c)):
+        raise ValueError(
+            f"token_mask_from_pixels: channels={channels} needs factor 1 and a grid width that is a "
+            f"multiple of it (a pixel codec's interleaved channels), got factor {factor}, grid {tuple(grid)}"
+        )
     f = int(factor)
-    gh, gw = int(grid[0]), int(grid[1])
+    gh, gw = int(grid[0]), int(grid[1]) // c
     if image_size is not None:
         m = fit_mask_to_grid(mask, image_size=image_size, factor=f, grid=(gh, gw))
     else:
@@ -143,7 +168,8 @@ def token_mask_from_pixels(
         out = (cells >= PIXEL_ON).all(dim=-1)
     else:
         out = cells.mean(dim=-1) >= float(threshold) - 1e-6
-    return grow_token_mask(out, int(grow))
+    out = grow_token_mask(out, int(grow))
+    return out if c == 1 else repeat(out, "b h w -> b h (w c)", c=c)
 
 
 __all__ = ["RULES", "fit_mask_to_grid", "grow_token_mask", "resize_mask", "token_mask_from_pixels"]

@@ -62,6 +62,7 @@ from ._helpers import (
 )
 from .checks import check_bool, check_int, check_number, check_tokens, is_int
 from .config_dict import config_from_dict
+from .labels import resolve_labels as _resolve_labels
 from .layers import (
     ResampleDown,
     ResampleUp,
@@ -424,42 +425,14 @@ class SundaePrior(nn.Module):
                             hint="pair the prior with the VQ-GAN it was trained on")
 
     def resolve_labels(self, labels: Any, batch_size: int, device=None) -> torch.Tensor | None:
-        """Validate labels and map ``-1`` to the null class: returns int64 ``[b]`` indices into
-        the class table, or ``None`` for an unconditional prior."""
-        c = self.num_classes
-        if not c:
-            if labels is not None:
-                raise ValueError("SundaePrior: this prior is unconditional (num_classes=0) but "
-                                 "labels were given; pass labels=None")
+        """Validate labels (ids, names of the file's label map, ``-1`` = null; see
+        :func:`~.labels.resolve_labels`, the one resolver) and map ``-1`` to the null class:
+        returns int64 ``[b]`` indices into the class table, or ``None`` for an unconditional
+        prior."""
+        t = _resolve_labels(self, labels, batch_size, device, "SundaePrior")
+        if t is None:
             return None
-        if labels is None:
-            if not self.has_null_class:
-                raise ValueError(
-                    f"SundaePrior: this prior is class-conditional ({c} classes) without a null "
-                    f"class, so labels are required: pass labels [b] in 0..{c - 1}"
-                )
-            return torch.full((batch_size,), c, dtype=torch.long, device=device)
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-            raise ValueError(f"SundaePrior: labels must be integer class indices, got dtype "
-                             f"{labels.dtype}")
-        if labels.ndim == 0:
-            labels = labels.expand(batch_size)
-        if labels.ndim != 1 or labels.shape[0] != batch_size:
-            raise ValueError(
-                f"SundaePrior: labels must have shape [b] = [{batch_size}] (one per sample) or "
-                f"be a single int, got shape {tuple(labels.shape)}"
-            )
-        labels = labels.to(device=device, dtype=torch.long)
-        low = -1 if self.has_null_class else 0
-        if bool(((labels < low) | (labels >= c)).any()):
-            allowed = f"0..{c - 1}" + (" or -1 (null class)" if self.has_null_class else "")
-            raise ValueError(
-                f"SundaePrior: labels {labels.tolist()[:16]} out of range; this prior has {c} "
-                f"classes: use {allowed}"
-            )
-        return torch.where(labels < 0, torch.full_like(labels, c), labels)
+        return torch.where(t < 0, torch.full_like(t, self.num_classes), t)
 
     # ---- forward ----------------------------------------------------------------------------
 

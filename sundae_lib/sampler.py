@@ -41,10 +41,11 @@ import torch
 
 from ._helpers import module_device, unwrap
 from .checks import check_int, check_number, check_tokens, is_int, is_number
+from .labels import resolve_labels
 from .layers import interrupt_check
-from .loss import resolve_labels
 from .noise import corrupt_tokens, random_tokens, sample_categorical, uniform
 from .prior import forward_unchecked
+from .prior_metadata import SamplingDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def _check_init_tokens(init: object, k: int, device: torch.device) -> torch.Tens
 
 
 def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """A regenerate-mask ``[m, h, w]`` (``m`` dividing ``b``) or ``[h, w]`` -> bool ``[b, h, w]``
+    on ``device``: the one place a mask is broadcast to the sample batch."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(
             f"sample: mask must be a bool tensor [b, h, w] (True = regenerate), got "
@@ -120,13 +123,23 @@ def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device) -> t
         mask = mask != 0
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
-    if mask.dim() != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] not in (1, b):
+    if mask.dim() != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] == 0 or b % mask.shape[0]:
         raise ValueError(
             f"sample: mask shape {tuple(mask.shape)} does not match the tokens [{b}, {h}, {w}]; "
-            f"allowed: [{b}, {h}, {w}], [1, {h}, {w}] or [{h}, {w}] (broadcast to the batch). "
-            f"Convert pixel masks to the token grid first (masks.token_mask_from_pixels)"
+            f"allowed: [{b}, {h}, {w}], [m, {h}, {w}] with m dividing {b} (each mask serves {b}/m "
+            f"consecutive samples), [1, {h}, {w}] or [{h}, {w}] (one mask for all). Convert pixel "
+            f"masks to the token grid first (masks.token_mask_from_pixels)"
         )
-    return mask.to(device).expand(b, h, w)
+    return _spread(mask.to(device), b)
+
+
+def _spread(t: torch.Tensor, b: int) -> torch.Tensor:
+    """``[m, ...]`` with ``m`` dividing ``b`` -> ``[b, ...]``: item ``i`` serves samples
+    ``i*b/m .. (i+1)*b/m - 1`` (a view for ``m == 1``)."""
+    m = t.shape[0]
+    if m == b:
+        return t
+    return t.expand(b, *t.shape[1:]) if m == 1 else t.repeat_interleave(b // m, dim=0)
 
 
 def _set_eval(prior: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
@@ -175,13 +188,13 @@ def sample(
     *,
     batch_size: int = 1,
     grid: tuple[int, int] | None = None,
-    steps: int = 100,
-    temperature: float | tuple[float, float] = (1.0, 0.7),
-    update_proportion: float | tuple[float, float] = (1.0, 1.0),
-    early_stop: bool = True,
-    min_steps: int = 10,
-    labels: int | list[int] | torch.Tensor | None = None,
-    cfg_scale: float = 1.0,
+    steps: int | None = None,
+    temperature: float | tuple[float, float] | None = None,
+    update_proportion: float | tuple[float, float] | None = None,
+    early_stop: bool | None = None,
+    min_steps: int | None = None,
+    labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
+    cfg_scale: float | None = None,
     init_tokens: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     strength: float = 1.0,
@@ -191,15 +204,30 @@ def sample(
 ) -> torch.Tensor:
     """Sample token grids from a SUNDAE prior. Returns int64 ``[b, h, w]`` on the prior's device.
 
+    Settings not given come from the prior: ``steps``, ``temperature``, ``update_proportion``,
+    ``early_stop``, ``min_steps`` and ``cfg_scale`` left at None take the value the prior's file
+    records (``sundae.sampling``, written by the trainer or ``sundae-train record-sampling``:
+    ``SamplingDefaults.from_prior(prior)``); a setting the file does not record (or a prior
+    without a file) takes the library default of :class:`~.prior_metadata.SamplingDefaults`:
+    100 steps, temperature 1.0 -> 0.7, update proportion 1.0, early stop after ``min_steps`` 10,
+    cfg 1. Precedence: an explicit argument always wins, then the file, then the library
+    default. A *recorded* guidance scale is not applied where guidance cannot act (an
+    unconditional prior, one without a null class, or every label the null class: the mix would
+    equal the null branch); an explicit ``cfg_scale`` is always applied as given.
+
     Modes (one loop):
     - **unconditional / class-conditional**: start from uniform random tokens.
-      ``labels``: None, an int, a list or an int tensor ``[b]`` (one entry broadcasts); ``-1`` =
-      null class (unconditional); None on a conditional prior = all null.
+      ``labels``: None, one class (an int id or a name from the prior's label map, e.g.
+      ``"Animals & Nature"``), a list of them, or an int tensor ``[b]`` (one entry broadcasts);
+      ``-1`` / ``"none"`` = null class (unconditional); None on a conditional prior = all null
+      (``labels.resolve_labels``).
     - **inpainting**: ``init_tokens`` ``[b, h, w]`` + ``mask`` bool (True = regenerate). Tokens
       outside the mask never change (bit-identical); masked tokens start from uniform noise; the
-      model sees the whole grid. The mask may be ``[b, h, w]``, ``[1, h, w]`` or ``[h, w]``
-      (broadcast to the batch); a 0/1 integer or float mask is accepted too. An all-False mask
-      returns ``init_tokens`` unchanged without running the model (and without callbacks).
+      model sees the whole grid. The mask may be ``[b, h, w]``, ``[m, h, w]`` with ``m`` dividing
+      ``b`` (mask ``i`` serves the samples of init grid ``i``), ``[1, h, w]`` or ``[h, w]``; a
+      0/1 integer or float mask is accepted too. An all-False mask returns ``init_tokens``
+      (repeated to the batch) without running the model and without callbacks: the one
+      empty-mask shortcut of the pack (the path from a pixel mask to here: ``masks``).
     - **variations**: ``strength < 1`` corrupts that fraction of ``init_tokens`` (each token
       replaced by a uniform random token with probability ``strength`` — the training
       corruption — inside the mask if one is given) and runs ``max(1, round(steps * strength))``
@@ -209,9 +237,9 @@ def sample(
 
     Batch and grid rules: the grid comes from ``init_tokens`` if given (``grid``, if also given,
     must equal it), else from ``grid``, else ``prior.config.grid``; any grid works. With
-    ``init_tokens`` of batch ``B``: ``batch_size`` must be 1 (the default: the batch follows the
-    tokens) or ``B``; tokens of batch 1 with ``batch_size = n`` are repeated to ``n`` samples
-    (n inpaintings / variations of one image).
+    ``init_tokens`` of batch ``B``: ``batch_size`` 1 (the default) gives one sample per grid;
+    a multiple ``n * B`` gives ``n`` consecutive samples of each grid (so tokens of batch 1 with
+    ``batch_size = n`` are n inpaintings / variations of one image). Masks follow the same rule.
 
     Schedules: ``temperature`` ``T`` and ``update_proportion`` ``p`` are a number (constant) or
     ``(start, end)``, linear over ``steps`` with both endpoints included (``steps = 1`` uses the
@@ -240,6 +268,16 @@ def sample(
     restored afterwards) in its own dtype; logits are cast to float32 for sampling. The result
     is a normal (non-inference) tensor.
     """
+    # ---------------- settings: explicit, else the prior's record, else the library's ----------
+    recorded = SamplingDefaults.from_prior(prior)
+    steps = recorded.steps if steps is None else steps
+    temperature = recorded.temperature if temperature is None else temperature
+    update_proportion = recorded.update_proportion if update_proportion is None else update_proportion
+    early_stop = recorded.early_stop if early_stop is None else early_stop
+    min_steps = recorded.min_steps if min_steps is None else min_steps
+    cfg_recorded = cfg_scale is None
+    cfg_scale = recorded.cfg_scale if cfg_scale is None else cfg_scale
+
     # ---------------- scalar settings ----------------
     steps = check_int(steps, "sample: steps", minimum=1, hint="use e.g. steps=100")
     min_steps = check_int(min_steps, "sample: min_steps", minimum=0, hint="use e.g. min_steps=10")
@@ -303,21 +341,24 @@ def sample(
                 f"sample: grid={tuple(grid)} differs from the init_tokens grid {(h, w)}; drop the "
                 f"grid argument (it follows init_tokens)"
             )
-        if b0 == 1:
-            b = batch_size
-            init = init.expand(b, h, w)
-        elif batch_size in (1, b0):
-            b = b0
-        else:
+        b = b0 if batch_size == 1 else batch_size
+        if b % b0:
             raise ValueError(
                 f"sample: batch_size={batch_size} does not match init_tokens batch {b0}; use "
-                f"batch_size=1 (follow the tokens) or {b0}, or pass a single token grid to "
-                f"repeat it"
+                f"batch_size=1 (one sample per token grid) or a multiple of {b0} (n samples of "
+                f"each grid, consecutive)"
             )
+        init = _spread(init, b)
 
     labels_t = resolve_labels(prior, labels, b, device, "sample")
     num_classes = int(base.num_classes)
-    if cfg_scale != 1.0 and not (num_classes > 0 and bool(base.has_null_class)):
+    can_guide = num_classes > 0 and bool(base.has_null_class)
+    if cfg_recorded and cfg_scale != 1.0 and (not can_guide or bool((labels_t < 0).all())):
+        # the file's guidance scale has nothing to act on (no classes, no null class, or only
+        # null labels: u + s * (u - u) = u); skip the second branch instead of refusing / wasting it
+        logger.debug("sample: the recorded cfg_scale %g does not apply here; sampling unguided", cfg_scale)
+        cfg_scale = 1.0
+    if cfg_scale != 1.0 and not can_guide:
         raise ValueError(
             f"sample: cfg_scale={cfg_scale} needs a class-conditional prior with a null class "
             f"(trained with class dropout); this prior has num_classes={num_classes}"
@@ -330,7 +371,7 @@ def sample(
         assert init is not None
         regen = _check_mask(mask, b, h, w, device)
         if not bool(regen.any()):
-            logger.debug("sample: empty mask, returning init_tokens unchanged")
+            logger.info("sample: the mask is empty, nothing to regenerate: returning init_tokens")
             return init.clone()
 
     if generator is None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from comfyui_sundae.sundae_lib import save_prior
+from comfyui_sundae.sundae_lib.prior_metadata import parse_label_map
 from comfyui_sundae.trainer.cli import main
-from comfyui_sundae.trainer.sample_cmd import label_names
 from conftest import tiny_prior
 from PIL import Image
 
@@ -93,7 +93,7 @@ def test_box_touching_the_edges_still_works(files):
 )
 def test_label_map_as_list_or_dict_gives_names(files, label_map):
     model = _prior(files / "p.safetensors", num_classes=2, label_map=label_map)
-    assert label_names({"sundae.label_map": json.dumps(label_map)}, 2) == {"cat": 0, "dog": 1}
+    assert parse_label_map(json.dumps(label_map)) == ("cat", "dog")
     res = _run(["sample", "-m", model, "--class", "dog", "-n", "2", "--steps", "2", "--out", str(files / "s.png")])
     assert res.exit_code == 0, res.output
     res = _run(["sample", "-m", model, "--class", "cow", "-n", "1", "--steps", "2", "--out", str(files / "s.png")])
@@ -105,4 +105,5 @@ def test_unusable_label_map_is_ignored_ids_still_work(files):
     model = _prior(files / "p.safetensors", num_classes=2, label_map='{"a": [1, 2]}')
     res = _run(["sample", "-m", model, "--class", "1", "-n", "1", "--steps", "2", "--out", str(files / "s.png")])
     assert res.exit_code == 0, res.output
-    assert label_names({"sundae.label_map": "42"}, 2) == {}
+    with pytest.raises(ValueError, match="neither a list of class names nor a dict"):
+        parse_label_map("42")

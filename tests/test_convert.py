@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 from comfyui_sundae.sundae_lib import (
     VQGAN,
+    CodecSpec,
     PriorConfig,
     SundaePrior,
     VQGANConfig,
@@ -52,7 +53,8 @@ def test_convert_vqgan_and_prior_to_fp16(tmp_path):
     assert r.exit_code == 0, r.output
     dtypes, meta = _dtypes(tmp_path / "p16.safetensors")
     assert dtypes == {torch.float16}
-    assert meta["sundae.codec"] == f"vqgan:sha256={file_sha256(tmp_path / 'vq16.safetensors')},factor=2"
+    assert CodecSpec.parse(meta["sundae.codec"]) == CodecSpec(
+        kind="vqgan", sha256=file_sha256(tmp_path / "vq16.safetensors"), factor=2, channels=vq.in_channels)
     assert meta["sundae.vqgan_file"] == "vq16.safetensors"
     assert "sundae.vqgan_source" not in meta  # no machine path survives
     assert json.loads(meta["sundae.sampling"]) == {"steps": 9}

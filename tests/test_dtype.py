@@ -230,13 +230,13 @@ def test_cli_prior_runs_in_the_chosen_dtype(cpu):
     """auto on a (faked) fast-bf16 CPU puts the prior in bf16 and keeps the codec fp32; an
     explicit fp32 wins; and a bf16 prior really samples."""
     cpu(("amx_bf16",), 3.0)
-    prior, codec, _, _ = sample_cmd._setup("mnist-vq", None, "cpu", "auto")
+    prior, codec, _ = sample_cmd._setup("mnist-vq", None, "cpu", "auto")
     assert next(prior.parameters()).dtype == torch.bfloat16
     assert next(codec.parameters()).dtype == torch.float32
     tokens = sundae_lib.sample(prior, batch_size=1, steps=2, labels=torch.tensor([3]),
                                generator=torch.Generator().manual_seed(0))
     assert tokens.dtype == torch.int64 and 0 <= int(tokens.min()) and int(tokens.max()) < prior.codebook_size
-    prior, _, _, _ = sample_cmd._setup("mnist-vq", None, "cpu", "fp32")
+    prior, _, _ = sample_cmd._setup("mnist-vq", None, "cpu", "fp32")
     assert next(prior.parameters()).dtype == torch.float32
 
 

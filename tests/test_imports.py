@@ -219,6 +219,8 @@ def test_node_mappings_as_comfyui_sees_them(comfy_loaded):
                         assert all(isinstance(opts[k], int) for k in ("min", "max", "default")), where
                 elif kind == "BOOLEAN":
                     assert isinstance(opts["default"], bool), where
+                elif kind == "STRING":
+                    assert isinstance(opts["default"], str), where
                 else:
                     assert kind in custom_types, f"{where}: unexpected type {kind!r}"
     seed = info["SundaeSampler"]["input"]["required"]["seed"][1]

@@ -114,7 +114,8 @@ def test_latent_mask_node_broadcasts_batches(vq):
     mask = torch.zeros(1, 28, 28)
     mask[:, :8, :8] = 1
     out = LatentMask().apply(tokens, mask, "any", 0.5, 0)[0]
-    assert out.mask.shape == (3, 7, 7) and out.mask[:, :2, :2].all() and out.mask.sum() == 12
+    # one mask serves all three images as it is: the sampler spreads it over the batch
+    assert out.mask.shape == (1, 7, 7) and out.mask[:, :2, :2].all() and out.mask.sum() == 4
     assert out.tokens is tokens.tokens and tokens.mask is None  # input left as it was
     one = encode(vq, torch.rand(1, 28, 28, 3))
     two_masks = torch.zeros(2, 28, 28)
@@ -273,7 +274,7 @@ def test_codebook_mismatch_names_both_files(prior):
 def test_class_label_errors(prior, uncond_prior):
     with pytest.raises(ValueError, match=r"class_label 10 is out of range.*10 classes.*0\.\.9"):
         run_sampler(prior, class_label=10)
-    with pytest.raises(ValueError, match="unconditional.*set class_label to -1"):
+    with pytest.raises(ValueError, match="class_label 3: this prior is unconditional.*-1 / 'none'"):
         run_sampler(uncond_prior, class_label=3)
     no_null = tiny_prior(seed=None, codebook_size=256, grid=(7, 7), num_classes=10, null_class=False,
                          class_dropout=0.0)
@@ -288,13 +289,26 @@ def test_empty_mask_returns_input_without_sampling(vq, prior, monkeypatch):
     assert not masked.mask.any()
 
     def boom(*a, **k):
-        raise AssertionError("the sampler must not run for an empty mask")
+        raise AssertionError("the prior must not run for an empty mask")
 
-    monkeypatch.setattr(sampler_node.sundae_lib, "sample", boom)
+    monkeypatch.setattr(prior.model, "forward", boom)  # the library's one empty-mask shortcut
     out = run_sampler(prior, tokens=masked, vqgan=vq)
     assert torch.equal(out.tokens, tokens.tokens) and out.image_size == (28, 28)
     out3 = run_sampler(prior, tokens=masked, batch_size=3)
     assert out3.tokens.shape == (3, 7, 7) and (out3.tokens == tokens.tokens).all()
+
+
+def test_one_mask_over_several_images_keeps_each_images_tokens(vq, prior):
+    """Latent Mask keeps one mask as [1, h, w]; sample() spreads it over every image's samples."""
+    tokens = encode(vq, torch.rand(2, 28, 28, 3))
+    mask = torch.zeros(1, 28, 28)
+    mask[:, :12, :] = 1  # the top 3 token rows
+    masked = LatentMask().apply(tokens, mask, "any", 0.5, 0)[0]
+    out = run_sampler(prior, tokens=masked, batch_size=2, seed=4)
+    assert out.tokens.shape == (4, 7, 7) and out.mask is masked.mask
+    want = tokens.tokens.repeat_interleave(2, 0)  # image 0, image 0, image 1, image 1
+    assert torch.equal(out.tokens[:, 3:], want[:, 3:])
+    assert not torch.equal(out.tokens[:, :3], want[:, :3])
 
 
 def test_inpainting_keeps_unmasked_tokens_for_every_sample(vq, prior):
@@ -509,5 +523,9 @@ def test_nodes_keep_no_state_and_inputs_stay_untouched(prior, vq):
 def test_token_batch_validates():
     with pytest.raises(ValueError, match="int64"):
         TokenBatch(torch.zeros(1, 2, 2), None, 4)
-    with pytest.raises(ValueError, match="bool tensor shaped like the tokens"):
-        TokenBatch(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 3, 3, dtype=torch.bool), 4)
+    three = torch.zeros(3, 2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"bool tensor \[m, h, w\] over the tokens' grid \(2, 2\)"):
+        TokenBatch(three, torch.zeros(1, 3, 3, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="m dividing their batch 3"):
+        TokenBatch(three, torch.zeros(2, 2, 2, dtype=torch.bool), 4)
+    assert TokenBatch(three, torch.zeros(1, 2, 2, dtype=torch.bool), 4).mask.shape == (1, 2, 2)

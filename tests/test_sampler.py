@@ -463,11 +463,11 @@ def test_sample_value_errors(kwargs, match):
 
 
 def test_sample_label_errors_on_conditional_priors():
-    with pytest.raises(ValueError, match=r"labels must be -1 \(null / unconditional\) or 0..3"):
+    with pytest.raises(ValueError, match=r"labels \[4\] out of range.*use 0..3 or -1 \(null / unconditional\)"):
         sample(ShiftPrior(num_classes=4), labels=4)
     with pytest.raises(ValueError, match="no null class"):
         sample(ShiftPrior(num_classes=4, null_class=False), labels=-1)
-    with pytest.raises(ValueError, match="without a null class, so it needs labels"):
+    with pytest.raises(ValueError, match="without a null class, so labels are required"):
         sample(ShiftPrior(num_classes=4, null_class=False))
     with pytest.raises(ValueError, match="and no null class"):
         sample(ShiftPrior(num_classes=4, null_class=False), labels=1, cfg_scale=2.0)

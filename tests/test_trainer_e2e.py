@@ -98,7 +98,7 @@ def test_prior_on_pixels_then_sample_and_inpaint(tmp_path, tiny_mnist):
     with Image.open(grid_png) as im:
         assert im.size == (2 + 2 * 10, 2 + 2 * 10) and im.mode == "L"
     res = CliRunner().invoke(main, ["sample", "-m", str(export), "--class", "12", "--out", str(grid_png)])
-    assert res.exit_code == 1 and "classes 0..9" in res.output
+    assert res.exit_code == 1 and "10 classes; use a class id 0..9" in res.output
 
     # inpaint: white = regenerate; the kept half survives exactly (quantised to 16 levels)
     digit = (np.load(tiny_mnist)["images"][5]).astype(np.uint8)

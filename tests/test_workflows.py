@@ -156,11 +156,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 
 def make_fast(prompt: dict, *, steps: int = 6, batch_size: int = 2) -> dict:
-    """Cap the sampler's steps and batch size (CPU test budget); everything else as shipped."""
+    """Cap the sampler's steps and batch size (CPU test budget); everything else as shipped (steps
+    0, the prior's recommended number, counts as above the cap)."""
     for node in prompt.values():
         if node["class_type"] == "SundaeSampler":
             inp = node["inputs"]
-            inp["steps"] = min(int(inp["steps"]), steps)
+            inp["steps"] = min(int(inp["steps"]) or steps, steps)
             inp["batch_size"] = min(int(inp["batch_size"]), batch_size)
     return prompt
 

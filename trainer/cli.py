@@ -208,7 +208,8 @@ def prior(**options) -> None:
     """Train a SUNDAE prior on a latent dataset (from 'latents') or on images with the pixel codec.
 
     The final weights (EMA when enabled) go to run.out_dir/run.export as a native prior file that
-    load_prior and the ComfyUI loader read; it records its codec and class names.
+    load_prior and the ComfyUI loader read; it records its codec, class names and the [sampling]
+    table, which become the defaults of sample(), 'sundae-train sample' and the ComfyUI sampler.
     """
     _train("prior", **options)
 
@@ -345,16 +346,19 @@ def sampling_options(fn):
         click.option("--vqgan", metavar="FILE|pixel:levels=N,channels=C",
                      help="Codec. Default: the one the prior records (found beside it or in shipped_models)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--steps", type=int, help="Sampling steps (default: the prior's training config, else 100)."),
+        click.option("--steps", type=int, help="Sampling steps. Default (this and the options below): the "
+                     "setting the prior records (sundae-train record-sampling), else the library's: 100 steps, "
+                     "T 1.0,0.7, p 1.0, min-steps 10, early stop, cfg 1."),
         click.option("--temperature", "-t", metavar="T|START,END", help="Temperature (schedule)."),
         click.option("--update-proportion", "-p", metavar="P|START,END", help="Proportion of tokens updated per step."),
         click.option("--min-steps", type=int, help="Steps before early stopping may freeze a sample."),
-        click.option("--early-stop/--no-early-stop", default=None),
+        click.option("--early-stop/--no-early-stop", default=None, help="Freeze a sample once a step changes nothing."),
         click.option("--class", "-k", "klass", metavar="ID|NAME|null",
                      help="Class (id or label name; 'null' = unconditional). Default: sample cycles through "
                           "the classes; inpaint uses 'auto', the class under which the prior finds the kept "
                           "part most likely."),
-        click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale (1 = off)."),
+        click.option("--cfg", "cfg_scale", type=float,
+                     help="Classifier-free guidance scale (1 = off; the recorded scale is skipped for the null class)."),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Images per sampler call."),
         click.option("--device", default="auto", show_default=True),

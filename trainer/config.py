@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..sundae_lib.prior_metadata import SamplingDefaults
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -220,29 +222,20 @@ class LossConfig:
             )
 
 
-@dataclass
-class SamplingConfig:
-    """Sampler settings for the preview grids; also stored in the exported prior as defaults
-    for ``sundae-train sample``."""
+@dataclass(frozen=True)
+class SamplingConfig(SamplingDefaults):
+    """``[sampling]``: the library's :class:`SamplingDefaults` (steps, temperature,
+    update_proportion, early_stop, min_steps, cfg_scale; validated there), written into the
+    exported prior as its recommended settings (``sundae.sampling``: the defaults of
+    ``sample()``, ``sundae-train sample`` and the ComfyUI sampler), plus the preview grids' size
+    and seed."""
 
     num_samples: int = 16
-    steps: int = 100
-    temperature: tuple[float, float] = (1.0, 0.7)  # linear from start to end
-    update_proportion: tuple[float, float] = (1.0, 1.0)
-    early_stop: bool = True
-    min_steps: int = 10
-    cfg_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        s = "sampling"
-        _at_least(s, "num_samples", self.num_samples, 1)
-        _at_least(s, "steps", self.steps, 1)
-        _at_least(s, "min_steps", self.min_steps, 0)
-        if not all(t > 0 for t in self.temperature):
-            raise ConfigError(f"sampling.temperature = {list(self.temperature)} must be > 0")
-        if not all(0 < p <= 1 for p in self.update_proportion):
-            raise ConfigError(f"sampling.update_proportion = {list(self.update_proportion)} must be in (0, 1]")
+        super().__post_init__()
+        _at_least("sampling", "num_samples", self.num_samples, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ def convert_model(src: str, out: str, *, dtype: str = "fp16", vqgan: str | None 
     (its codebook size must match). Returns a summary (type, sizes, sha256, max weight change)."""
     from ..sundae_lib import load_prior, load_vqgan, save_prior, save_vqgan
     from ..sundae_lib._helpers import file_sha256, read_safetensors_metadata
+    from ..sundae_lib.codec_spec import CodecSpec
+    from ..sundae_lib.prior_metadata import META_VQGAN_SOURCE, PriorMetadata
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {list(DTYPES)}")
@@ -54,9 +56,9 @@ def convert_model(src: str, out: str, *, dtype: str = "fp16", vqgan: str | None 
                     f"the VQ-GAN {vqgan!r} has {codec.codebook_size} codes, the prior {src!r} "
                     f"{model.codebook_size}: give the VQ-GAN the prior was trained with"
                 )
-            extra["sundae.codec"] = f"vqgan:sha256={file_sha256(vqgan)},factor={codec.downsample_factor}"
-            extra["sundae.vqgan_file"] = Path(vqgan).name
-            extra.pop("sundae.vqgan_source", None)
+            spec = CodecSpec.of_codec(codec, sha256=file_sha256(vqgan), file=Path(vqgan).name)
+            extra.pop(META_VQGAN_SOURCE, None)
+            extra.update(PriorMetadata(codec=spec).to_metadata())  # sundae.codec + sundae.vqgan_file
         before = {k: v.clone() for k, v in model.state_dict().items()}
         model = model.to(DTYPES[dtype])
         model.metadata = {}

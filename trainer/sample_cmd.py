@@ -5,16 +5,18 @@ Model resolution: ``--model`` is a prior file, ``hf://...``, or one of the shipp
 comes from ``--vqgan`` or from what the prior records in its metadata (``sundae.codec``:
 ``pixel:levels=..,channels=..`` or ``vqgan:sha256=..`` with ``sundae.vqgan_file``, looked up
 beside the prior, in a sibling ``vqgan/`` folder and in ``shipped_models/vqgan/``). Sampler
-defaults come from the prior's training config (``sundae.sampling``); flags override them.
+settings not given as options come from what the prior records (``sundae.sampling``; the
+library's ``SamplingDefaults`` when it records nothing): ``sample()`` fills them in. Classes are
+ids or names of the prior's label map, resolved by ``sundae_lib.labels``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -58,9 +60,10 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
     from ..sundae_lib import PixelCodec, load_vqgan
     from ..sundae_lib._helpers import is_hf_source, source_sha256
     from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
+    from ..sundae_lib.prior_metadata import META_VQGAN_SOURCE, metadata_of
 
-    meta = getattr(prior, "metadata", {}) or {}
-    spec = CodecSpec.from_metadata(meta)
+    meta = metadata_of(prior)
+    spec = CodecSpec.from_metadata(meta)  # strict: a malformed codec record is an error here
     sha = None
     if vqgan:
         codec = PixelCodec.from_spec(vqgan) if vqgan.startswith("pixel") else load_vqgan(vqgan)
@@ -78,7 +81,7 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
             candidates = [SHIPPED / "vqgan" / name]
             if here is not None:
                 candidates = [here / name, here.parent / "vqgan" / name, *candidates]
-            recorded = meta.get("sundae.vqgan_source", "")
+            recorded = meta.get(META_VQGAN_SOURCE, "")
             if recorded and not recorded.startswith("hf://"):
                 candidates.append(Path(recorded))
             codec = None
@@ -109,9 +112,10 @@ def resolve_codec(prior, prior_source: str, vqgan: str | None):
     return codec.eval()
 
 
-def _schedule(text: str | None, default: Any) -> Any:
+def _schedule(text: str | None) -> float | tuple[float, float] | None:
+    """``--temperature`` / ``--update-proportion``: ``T`` or ``START,END``; None when not given."""
     if text is None:
-        return tuple(default) if isinstance(default, list) else default
+        return None
     parts = [p for p in text.replace(" ", "").split(",") if p]
     try:
         values = [float(p) for p in parts]
@@ -124,55 +128,15 @@ def _schedule(text: str | None, default: Any) -> Any:
     return tuple(values)
 
 
-def label_names(meta: dict | None, num_classes: int) -> dict[str, int]:
-    """``{name: class id}`` from a prior's ``sundae.label_map`` metadata: a JSON list of names
-    (what the trainer writes), or a dict ``{"0": "cat"}`` (id -> name) or ``{"cat": 0}`` (name ->
-    id). Anything else is ignored with a warning: names are a convenience, ids always work."""
-    raw = (meta or {}).get("sundae.label_map") or ""
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        value = None
-    names: dict[str, int] = {}
-    if isinstance(value, list):
-        names = {str(name): i for i, name in enumerate(value)}
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, int) and not isinstance(item, bool):
-                names[str(key)] = item
-            elif str(key).lstrip("-").isdigit():
-                names[str(item)] = int(key)
-            else:
-                names = {}
-                break
-    if not names and value not in (None, [], {}):
-        logger.warning("the prior's sundae.label_map %.80r is neither a list of names nor a dict of "
-                       "names and ids; use class ids 0..%d", raw, num_classes - 1)
-    return {k: v for k, v in names.items() if 0 <= v < num_classes}
-
-
 def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
-    num = int(prior.num_classes)
-    if not num:
-        if klass not in (None, "null", "none", "-1"):
-            raise ValueError(f"--class {klass!r}: this prior is unconditional (no classes)")
-        return None
+    """``--class`` -> labels ``[n]``: an id, a name of the prior's label map or 'null' for all;
+    not given: cycle through the classes (None for an unconditional prior)."""
+    from ..sundae_lib.labels import resolve_class
+
     if klass is None:
-        return torch.arange(n) % num
-    if klass in ("null", "none", "-1"):
-        return torch.full((n,), -1, dtype=torch.long)
-    names = label_names(prior.metadata, num)
-    if klass in names:
-        return torch.full((n,), names[klass], dtype=torch.long)
-    try:
-        k = int(klass)
-    except ValueError:
-        raise ValueError(f"--class {klass!r}: not a class id (0..{num - 1}) or name {list(names)[:10]}") from None
-    if not 0 <= k < num:
-        raise ValueError(f"--class {k}: this prior has classes 0..{num - 1} (or 'null')")
-    return torch.full((n,), k, dtype=torch.long)
+        return torch.arange(n) % int(prior.num_classes) if prior.num_classes else None
+    index = resolve_class(prior, klass, where="--class")
+    return torch.full((n,), index, dtype=torch.long) if prior.num_classes else None
 
 
 @torch.no_grad()
@@ -225,20 +189,20 @@ def _setup(model, vqgan, device, precision="auto"):
     prior = load_prior(source).to(device=dev, dtype=dtype).eval()
     logger.info("prior on %s in %s (--precision %s)", dev, dtype_name(dtype), precision)
     codec = resolve_codec(prior, source, vqgan).to(dev)
-    meta = prior.metadata or {}
-    defaults = json.loads(meta["sundae.sampling"]) if meta.get("sundae.sampling") else {}
-    return prior, codec, dev, defaults
+    return prior, codec, dev
 
 
-def _sampler_kwargs(defaults: dict, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale) -> dict:
-    return {
-        "steps": steps if steps is not None else int(defaults.get("steps", 100)),
-        "temperature": _schedule(temperature, defaults.get("temperature", (1.0, 0.7))),
-        "update_proportion": _schedule(update_proportion, defaults.get("update_proportion", (1.0, 1.0))),
-        "min_steps": min_steps if min_steps is not None else int(defaults.get("min_steps", 10)),
-        "early_stop": early_stop if early_stop is not None else bool(defaults.get("early_stop", True)),
-        "cfg_scale": cfg_scale if cfg_scale is not None else float(defaults.get("cfg_scale", 1.0)),
-    }
+def _sampler_kwargs(prior, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale) -> dict:
+    """The sampler options as ``sample()`` arguments: None (not given) leaves the setting to the
+    prior's record. Logs the settings that will be used."""
+    from ..sundae_lib import SamplingDefaults
+
+    given = {"steps": steps, "temperature": _schedule(temperature),
+             "update_proportion": _schedule(update_proportion), "min_steps": min_steps,
+             "early_stop": early_stop, "cfg_scale": cfg_scale}
+    logger.info("sampling: %s (options not given: the prior's recorded settings)",
+                SamplingDefaults.from_prior(prior).merged(**given).describe())
+    return given
 
 
 def _write(images: torch.Tensor, out: str, *, nrow: int | None = None) -> list[Path]:
@@ -258,7 +222,7 @@ def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, step
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
-    prior, codec, dev, defaults = _setup(model, vqgan, device, precision)
+    prior, codec, dev = _setup(model, vqgan, device, precision)
     token_grid = tuple(prior.config.grid)
     if grid:
         try:
@@ -266,7 +230,7 @@ def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, step
         except ValueError:
             raise ValueError(f"--grid {grid!r}: expected HxW in tokens, e.g. 16x16") from None
         token_grid = (h, w)
-    kwargs = _sampler_kwargs(defaults, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
+    kwargs = _sampler_kwargs(prior, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
     labels = _labels(klass, prior, num)
     gen = torch.Generator(device=dev).manual_seed(seed)
     images = []
@@ -350,33 +314,31 @@ def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, mo
                 temperature, update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device,
                 precision="auto") -> list[Path]:
     from ..sundae_lib import PixelCodec, sample
-    from ..sundae_lib.masks import grow_token_mask, token_mask_from_pixels
+    from ..sundae_lib.labels import LabelSpace
+    from ..sundae_lib.masks import token_mask_from_pixels
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
-    prior, codec, dev, defaults = _setup(model, vqgan, device, precision)
+    prior, codec, dev = _setup(model, vqgan, device, precision)
     x = _load_image(image, int(codec.in_channels), resize).to(dev)
     H, W = x.shape[-2:]
     pm = _pixel_mask(mask, box, (H, W))
     tokens = codec.encode(x)
-    grid = tuple(tokens.shape[-2:])
-    if isinstance(codec, PixelCodec):  # factor 1; channels interleaved along the width
-        tm = (pm >= 0.5)[None].repeat_interleave(codec.in_channels, dim=-1)
-        tm = grow_token_mask(tm, grow)
-    else:
-        tm = token_mask_from_pixels(pm, factor=codec.downsample_factor, grid=grid, rule=rule, grow=grow, image_size=(H, W))
-    tm = tm.to(dev)
+    # the pixel mask -> the token mask, once (a pixel codec interleaves its channels along w)
+    channels = int(codec.in_channels) if isinstance(codec, PixelCodec) else 1
+    tm = token_mask_from_pixels(pm, factor=codec.downsample_factor, grid=tuple(tokens.shape[-2:]), rule=rule,
+                                grow=grow, image_size=(H, W), channels=channels).to(dev)
     if not tm.any():
         raise ValueError("the mask covers no token: nothing to inpaint (white = regenerate)")
-    kwargs = _sampler_kwargs(defaults, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
+    kwargs = _sampler_kwargs(prior, steps, temperature, update_proportion, min_steps, early_stop, cfg_scale)
     gen = torch.Generator(device=dev).manual_seed(seed)
     if prior.num_classes and klass in (None, "auto"):
         best, scores = guess_class(prior, tokens, tm, seed=seed)
-        names = {v: k for k, v in label_names(prior.metadata, int(prior.num_classes)).items()}
-        logger.info("--class auto: %s (%d); the kept part's log-likelihood per class: %s", names.get(best, best), best,
-                    ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in enumerate(scores)))
+        space = LabelSpace.of(prior)
+        logger.info("--class auto: %s; the kept part's log-likelihood per class: %s", space.name(best),
+                    ", ".join(f"{space.name(c)} {v:.3f}" for c, v in enumerate(scores)))
         klass = str(best)
-    labels = _labels(klass, prior, num) if prior.num_classes else None
+    labels = _labels(klass, prior, num)
     results = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
@@ -459,32 +421,27 @@ def _cpu_precision_lines() -> list[str]:
 def record_sampling(path: str, *, steps=None, temperature=None, update_proportion=None, min_steps=None,
                     early_stop=None, cfg_scale=None) -> tuple[dict, dict]:
     """Write the given sampling settings into the prior file's ``sundae.sampling`` metadata
-    (validated like the trainer's ``[sampling]`` table; the rest of the recorded settings and
-    every tensor are kept). Returns ``(before, after)``."""
+    (validated as the trainer's ``[sampling]`` table, a ``SamplingDefaults``; the rest of the
+    record, the other metadata and every tensor are kept). Returns ``(before, after)`` records."""
     from ..sundae_lib import load_prior, save_prior
-    from .config import ConfigError, SamplingConfig, build_dataclass, config_to_dict
+    from ..sundae_lib.prior_metadata import META_SAMPLING
+    from .config import SamplingConfig
 
     prior = load_prior(path)
-    meta = prior.metadata or {}
-    before = json.loads(meta["sundae.sampling"]) if meta.get("sundae.sampling") else {}
+    raw = (prior.metadata or {}).get(META_SAMPLING)
+    try:
+        before = json.loads(raw) if raw else {}
+        current = SamplingConfig.from_record(before)
+    except ValueError as exc:
+        logger.warning("%s: the recorded %s is unusable (%s); starting from the defaults", path, META_SAMPLING, exc)
+        before, current = {}, SamplingConfig()
     changes = {
         "steps": steps, "min_steps": min_steps, "early_stop": early_stop, "cfg_scale": cfg_scale,
-        "temperature": _pair(_schedule(temperature, None)) if temperature is not None else None,
-        "update_proportion": _pair(_schedule(update_proportion, None)) if update_proportion is not None else None,
+        "temperature": _schedule(temperature), "update_proportion": _schedule(update_proportion),
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return before, before
-    known = {f for f in SamplingConfig.__dataclass_fields__}
-    try:
-        merged = build_dataclass(SamplingConfig, {**{k: v for k, v in before.items() if k in known}, **changes}, "sampling")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from exc
-    after = config_to_dict(merged)
-    save_prior(prior, path, metadata={"sundae.sampling": json.dumps(after)})
+    after = {**before, **dataclasses.replace(current, **changes).to_record()}
+    save_prior(prior, path, metadata={META_SAMPLING: json.dumps(after)})
     return before, after
-
-
-def _pair(value: Any) -> list[float]:
-    """A schedule as ``[start, end]`` (a single value is constant)."""
-    return [float(v) for v in value] if isinstance(value, (tuple, list)) else [float(value), float(value)]

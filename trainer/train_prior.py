@@ -10,7 +10,6 @@ alone logs, writes previews and checkpoints; weights are saved unwrapped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..sundae_lib.codec_spec import CodecSpec
+from ..sundae_lib.prior_metadata import PriorMetadata
 from . import dist, loop
 from .config import (
     ConfigError,
@@ -48,7 +49,7 @@ class PriorData:
     grid: tuple[int, int]
     codebook_size: int
     label_map: list[str] | None
-    codec_meta: dict[str, str]  # sundae.codec (+ sundae.vqgan_file)
+    recorded: PriorMetadata  # what the prior file will record about its codec
     encoder: Any = None  # codec that turns image batches into tokens (images only)
     decoder_source: str | None = None  # VQ-GAN source for previews (latents)
     channels: int = 1
@@ -62,7 +63,6 @@ class PriorData:
 
 def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
     from ..sundae_lib import PixelCodec, load_vqgan
-    from ..sundae_lib.codec_spec import CodecSpec
 
     path = resolve_input_path(cfg.data.path, what="data.path")
     kind = detect_kind(path) if cfg.data.kind == "auto" else cfg.data.kind
@@ -74,31 +74,31 @@ def open_prior_data(cfg: TrainPriorConfig) -> PriorData:
         source = cfg.codec.vqgan or vq["source"]
         spec = CodecSpec(kind="vqgan", sha256=vq["sha256"], factor=int(vq["downsample_factor"]),
                          channels=vq.get("config", {}).get("in_channels"))
-        meta = {"sundae.codec": str(spec), "sundae.vqgan_file": vq["file"], **_portable_source(source)}
+        meta = PriorMetadata(codec=dataclasses.replace(spec, file=vq["file"]), vqgan_source=_portable_source(source))
         return PriorData(ds, "latents", ds.grid, ds.codebook_size, ds.label_map, meta, decoder_source=source)
     ds = open_images(cfg.data, seed=cfg.run.seed)
     h, w = ds.size
     if cfg.codec.kind in ("auto", "pixel"):
         codec = PixelCodec(levels=cfg.codec.levels, channels=ds.channels)
-        meta = {"sundae.codec": codec.spec}
+        meta = PriorMetadata(codec=CodecSpec.of_codec(codec))
     else:
         if not cfg.codec.vqgan:
             raise ConfigError("codec.kind = 'vqgan' needs codec.vqgan = a VQ-GAN file to encode the images with")
         codec = load_vqgan(_model_source(cfg.codec.vqgan)).eval()
         sha, name = source_fingerprint(_model_source(cfg.codec.vqgan))
-        meta = {"sundae.codec": str(CodecSpec.of_codec(codec, sha256=sha)), "sundae.vqgan_file": name,
-                **_portable_source(cfg.codec.vqgan)}
+        meta = PriorMetadata(codec=CodecSpec.of_codec(codec, sha256=sha, file=name),
+                             vqgan_source=_portable_source(cfg.codec.vqgan))
     grid = tuple(codec.token_grid(h, w))
     return PriorData(ds, "images", grid, int(codec.codebook_size), ds.label_map, meta, encoder=codec, channels=ds.channels)
 
 
-def _portable_source(source: Any) -> dict[str, str]:
+def _portable_source(source: Any) -> str | None:
     """``sundae.vqgan_source`` only for sources that mean the same on every machine (``hf://``):
     a local path is this machine's and never goes into a model file (the VQ-GAN is found by
     ``sundae.vqgan_file`` beside the prior, in a sibling ``vqgan/`` folder or among the shipped
     models)."""
     source = str(source)
-    return {"sundae.vqgan_source": source} if source.startswith("hf://") else {}
+    return source if source.startswith("hf://") else None
 
 
 def _model_source(source: str) -> str:
@@ -227,12 +227,9 @@ class PriorTrainee:
         self.resolved = config_to_dict(cfg)
         self.resolved["model"] = dataclasses.asdict(prior_cfg)
         self.split = make_split(data.dataset.group_ids(), cfg.data)
-        meta = {
-            **data.codec_meta,
-            "sundae.label_map": json.dumps(data.label_map) if data.label_map else "",
-            "sundae.sampling": json.dumps(config_to_dict(cfg.sampling)),
-        }
-        self.meta = {k: v for k, v in meta.items() if v}
+        # codec, class names and the [sampling] table (the recommended sampler settings)
+        self.meta = dataclasses.replace(data.recorded, label_map=tuple(data.label_map) if data.label_map else None,
+                                        sampling=cfg.sampling).to_metadata()
 
         self.model = prior = SundaePrior(prior_cfg).to(device)
         prior.train()
@@ -364,11 +361,8 @@ def _preview(model, data: PriorData, cfg: TrainPriorConfig, path: Path, device) 
     n = s.num_samples
     labels = torch.arange(n, device=device) % model.config.num_classes if model.config.num_classes else None
     with loop.evaluating(model):
-        tokens = sample(
-            model, batch_size=n, grid=tuple(model.config.grid), steps=s.steps, temperature=s.temperature,
-            update_proportion=s.update_proportion, early_stop=s.early_stop, min_steps=s.min_steps,
-            labels=labels, cfg_scale=s.cfg_scale, generator=_device_generator(device, s.seed),
-        )
+        tokens = sample(model, batch_size=n, grid=tuple(model.config.grid), labels=labels,
+                        generator=_device_generator(device, s.seed), **s.sample_kwargs())
     codec.to(device)
     images = codec.decode(tokens)
     nrow = model.config.num_classes if model.config.num_classes and n % model.config.num_classes == 0 else None
