@@ -80,3 +80,19 @@ def test_compile_prior_refuses_what_it_cannot_compile(monkeypatch):
     monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: None)
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
         compile_prior(_prior())
+
+
+@pytest.mark.skipif(compiled_mod.cpu_compiler() is None, reason="no C++ compiler on this machine")
+def test_cli_compile_flag_writes_the_same_images(tmp_path):
+    from click.testing import CliRunner
+    from comfyui_sundae.trainer.cli import main
+
+    outs = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"s{len(flag)}.png"
+        args = ["sample", "--model", "mnist-vq", "-n", "2", "--class", "3", "--steps", "3",
+                "--no-early-stop", "--precision", "fp32", "--out", str(out), *flag]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outs[bool(flag)] = out.read_bytes()
+    assert outs[True] == outs[False]

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from comfyui_sundae.sundae_lib import load_prior, sample
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sample_tokens.npz"

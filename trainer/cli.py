@@ -367,6 +367,10 @@ def sampling_options(fn):
                      help="dtype the prior runs in. auto: bf16 on GPUs that have it (else fp16); on CPU "
                           "bf16 only with AMX / AVX512-BF16 measured faster (see 'env'), else fp32. "
                           "SUNDAE_CPU_DTYPE=fp32|bf16 overrides the CPU choice."),
+        click.option("--compile", "compile_prior", is_flag=True, default=False,
+                     help="torch.compile the prior first (inductor, frozen weights): faster steps "
+                          "after a compile of tens of seconds per new shape; for many images with one "
+                          "model. Needs a C++ compiler on CPUs; falls back to eager with a warning."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

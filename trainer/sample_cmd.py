@@ -177,7 +177,7 @@ def prior_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtype or torch.float32
 
 
-def _setup(model, vqgan, device, precision="auto"):
+def _setup(model, vqgan, device, precision="auto", compile_prior=False):
     from ..sundae_lib import load_prior
     from ..sundae_lib.dtypes import dtype_name
     from .dist import pick_device
@@ -189,6 +189,11 @@ def _setup(model, vqgan, device, precision="auto"):
     prior = load_prior(source).to(device=dev, dtype=dtype).eval()
     logger.info("prior on %s in %s (--precision %s)", dev, dtype_name(dtype), precision)
     codec = resolve_codec(prior, source, vqgan).to(dev)
+    if compile_prior:
+        from ..sundae_lib import compile_prior as compile_fn
+
+        prior = compile_fn(prior)  # attributes still read from the prior; forwards compiled
+        logger.info("prior compiled with torch.compile (the first step of each new shape compiles)")
     return prior, codec, dev
 
 
@@ -217,12 +222,12 @@ def _write(images: torch.Tensor, out: str, *, nrow: int | None = None) -> list[P
 @torch.no_grad()
 def run_sample(*, num: int, grid: str | None, out: str, model, vqgan, seed, steps, temperature,
                update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device,
-               precision="auto") -> list[Path]:
+               precision="auto", compile_prior=False) -> list[Path]:
     from ..sundae_lib import sample
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
-    prior, codec, dev = _setup(model, vqgan, device, precision)
+    prior, codec, dev = _setup(model, vqgan, device, precision, compile_prior)
     token_grid = tuple(prior.config.grid)
     if grid:
         try:
@@ -312,14 +317,14 @@ def _pixel_mask(mask: str | None, box: str | None, size: tuple[int, int]) -> tor
 @torch.no_grad()
 def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, model, vqgan, seed, steps,
                 temperature, update_proportion, min_steps, early_stop, klass, cfg_scale, batch_size, device,
-                precision="auto") -> list[Path]:
+                precision="auto", compile_prior=False) -> list[Path]:
     from ..sundae_lib import PixelCodec, sample
     from ..sundae_lib.labels import LabelSpace
     from ..sundae_lib.masks import token_mask_from_pixels
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
-    prior, codec, dev = _setup(model, vqgan, device, precision)
+    prior, codec, dev = _setup(model, vqgan, device, precision, compile_prior)
     x = _load_image(image, int(codec.in_channels), resize).to(dev)
     H, W = x.shape[-2:]
     pm = _pixel_mask(mask, box, (H, W))
