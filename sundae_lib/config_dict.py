@@ -12,12 +12,15 @@ lists become tuples):
   length, nested dataclasses are tables built the same way), and errors name keys as the file
   spells them: ``"optim.lr expects float, got 'fast' (str)"``.
 
+``config_property`` gives a model its read-only size attributes straight from its ``.config``.
+
 Imports only the standard library (no torch), so ``sundae-train --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -25,7 +28,22 @@ from typing import Any
 
 from .checks import is_int, is_number
 
-__all__ = ["check_keys", "coerce_value", "config_from_dict", "tupleize", "type_name"]
+__all__ = [
+    "check_keys",
+    "coerce_value",
+    "config_from_dict",
+    "config_property",
+    "tupleize",
+    "type_name",
+]
+
+
+def config_property(field: str, doc: str) -> property:
+    """A read-only ``property`` that returns ``self.config.<field>``, for the sizes a model
+    takes from its config: ``codebook_size = config_property("codebook_size", "...")`` in a class
+    body reads as the hand-written ``@property`` would (assigning to it raises
+    ``AttributeError``), and ``doc`` becomes its docstring."""
+    return property(operator.attrgetter(f"config.{field}"), doc=doc)
 
 
 def tupleize(value: Any) -> Any:

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from .checks import check_int, check_tokens
-from .config_dict import config_from_dict
+from .config_dict import config_from_dict, config_property
 
 PAD_MODES = ("replicate", "reflect", "constant", "error")
 
@@ -138,29 +138,18 @@ class PixelCodec(nn.Module):
                 ) from None
         return cls(**values)
 
-    @property
-    def spec(self) -> str:
-        return self.config.spec
-
-    @property
-    def levels(self) -> int:
-        return self.config.levels
+    spec = config_property(
+        "spec", "The codec's spec string (str), e.g. ``'pixel:levels=256,channels=1'``."
+    )
+    levels = config_property("levels", "Grey levels per channel (int).")
+    codebook_size = config_property("levels", "Token vocabulary size (int): ``levels``.")
+    in_channels = config_property("channels", "Image channels ``encode`` takes (int).")
+    out_channels = config_property("channels", "Image channels ``decode`` gives (int).")
 
     @property
     def downsample_factor(self) -> int:
+        """Pixels per token side (int): always 1."""
         return 1
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.levels
-
-    @property
-    def in_channels(self) -> int:
-        return self.config.channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.config.channels
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         return height, width

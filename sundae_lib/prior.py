@@ -61,7 +61,7 @@ from ._helpers import (
     unwrap,
 )
 from .checks import check_bool, check_int, check_number, check_tokens, is_int
-from .config_dict import config_from_dict
+from .config_dict import config_from_dict, config_property
 from .labels import resolve_labels as _resolve_labels
 from .layers import (
     ResampleDown,
@@ -391,13 +391,10 @@ class SundaePrior(nn.Module):
 
     # ---- properties -------------------------------------------------------------------------
 
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
+    codebook_size = config_property("codebook_size", "Token vocabulary size K (int).")
+    num_classes = config_property(
+        "num_classes", "Real classes (int; 0 = unconditional), the null class not counted."
+    )
 
     @property
     def has_null_class(self) -> bool:

@@ -42,6 +42,7 @@ from ._helpers import (
     unwrap,
 )
 from .checks import check_int, is_int
+from .config_dict import config_property
 from .pixel_codec import (
     PixelCodec,
     PixelCodecConfig,
@@ -120,21 +121,14 @@ class VQGAN(nn.Module):
 
     # ---- sizes -------------------------------------------------------------------------------
 
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.config.out_ch
+    downsample_factor = config_property(
+        "downsample_factor", "Pixels per token side, f (int): 2 ** (len(ch_mult) - 1)."
+    )
+    codebook_size = config_property(
+        "codebook_size", "Token vocabulary size (int): n_embed, or remap_used under remap."
+    )
+    in_channels = config_property("in_channels", "Image channels ``encode`` takes (int).")
+    out_channels = config_property("out_ch", "Image channels ``decode`` gives (int).")
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 from comfyui_sundae.sundae_lib.config_dict import check_keys, config_from_dict, type_name
-from comfyui_sundae.sundae_lib.prior import PriorConfig
+from comfyui_sundae.sundae_lib.pixel_codec import PixelCodec
+from comfyui_sundae.sundae_lib.prior import PriorConfig, SundaePrior
 from comfyui_sundae.sundae_lib.vq_losses import VQLossConfig
+from comfyui_sundae.sundae_lib.vqgan import VQGAN
 from comfyui_sundae.sundae_lib.vqgan_config import VQGANConfig
 from comfyui_sundae.trainer import config as C
 
@@ -125,3 +127,25 @@ def test_type_names():
     assert type_name(float) == "float" and type_name(dict[str, int]) == "table"
     assert type_name(tuple[float, float]) == "array of 2 float" and type_name(Inner) == "table"
     assert type_name(int | str) == "int or str" and type_name(tuple[int, ...]) == "array of int"
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    (lambda: VQGAN(VQGANConfig.preset("tiny", remap_used=20, in_channels=1)),
+     {"downsample_factor": 2, "codebook_size": 20, "in_channels": 1, "out_channels": 3}),
+    (lambda: PixelCodec(levels=16, channels=3),
+     {"spec": "pixel:levels=16,channels=3", "levels": 16, "codebook_size": 16, "in_channels": 3,
+      "out_channels": 3, "downsample_factor": 1}),
+    (lambda: SundaePrior(PriorConfig.preset("tiny", num_classes=5)),
+     {"codebook_size": 16, "num_classes": 5}),
+], ids=["vqgan", "pixel", "prior"])
+def test_config_properties_read_the_config_and_are_read_only(model, expected):
+    """The size attributes (``config_property``) give the config's values with their types, carry
+    a docstring, and refuse assignment like a setter-less ``@property``."""
+    m = model()
+    for name, value in expected.items():
+        got = getattr(m, name)
+        assert got == value and type(got) is type(value), (name, got)
+        assert getattr(type(m), name).__doc__, name
+        with pytest.raises(AttributeError, match="has no setter"):
+            setattr(m, name, value)
+        assert getattr(m, name) == value
