@@ -56,6 +56,30 @@ def _suffix(value: Any, hint: str | None) -> str:
     return f", got {value!r}" + (f"; {hint}" if hint else "")
 
 
+def _interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> str:
+    """``"[low, high]"``, with ``(`` / ``)`` on an open side."""
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _allowed(
+    noun: str,
+    low: float | None,
+    high: float | None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str:
+    """What a value must be, to follow "must be": ``noun`` with its bounds (``"an integer in
+    [2, 8]"``, ``"a number > 1"``, ``"an integer <= 8"``), or ``noun`` alone with none."""
+    if low is not None and high is not None:
+        return f"{noun} in {_interval(low, high, low_open=low_open, high_open=high_open)}"
+    if low is not None:
+        return f"{noun} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{noun} {'<' if high_open else '<='} {high}"
+    return noun
+
+
 def check_int(
     value: Any,
     name: str,
@@ -71,14 +95,7 @@ def check_int(
     high_ok = maximum is None or (is_int(value) and value <= maximum)
     if is_int(value) and low_ok and high_ok:
         return value
-    if minimum is not None and maximum is not None:
-        allowed = f"an integer in [{minimum}, {maximum}]"
-    elif minimum is not None:
-        allowed = f"an integer >= {minimum}"
-    elif maximum is not None:
-        allowed = f"an integer <= {maximum}"
-    else:
-        allowed = "an integer"
+    allowed = _allowed("an integer", minimum, maximum)
     raise ValueError(f"{name} must be {allowed}{_suffix(value, hint)}")
 
 
@@ -104,14 +121,10 @@ def check_number(
     if ok:
         return float(value)
     if low is not None and high is not None:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        interval = _interval(low, high, low_open=low_open, high_open=high_open)
         raise ValueError(f"{name} must lie in {interval}{_suffix(value, hint)}")
-    if low is not None:
-        allowed = f"a number {'>' if low_open else '>='} {low}"
-    elif high is not None:
-        allowed = f"a number {'<' if high_open else '<='} {high}"
-    else:
-        allowed = "a finite number"
+    noun = "a finite number" if low is None and high is None else "a number"
+    allowed = _allowed(noun, low, high, low_open=low_open, high_open=high_open)
     raise ValueError(f"{name} must be {allowed}{_suffix(value, hint)}")
 
 
