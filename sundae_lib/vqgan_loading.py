@@ -236,14 +236,19 @@ def _load_native(path: Path, config: Any) -> VQGAN:
 # --------------------------------------------------------------------------------------------
 
 
-def _from_state_dict(sd: Mapping[str, Any], path: Path, config: Any, *, fmt: str) -> VQGAN:
-    origin = repr(str(path))
+def _vq_tensors(sd: Mapping[str, Any], origin: str, fmt: str, *, remedy: str) -> dict[str, Any]:
+    """The VQ-GAN tensors of a loaded state dict (``select_vq_tensors``), after refusing an empty
+    file (``remedy`` says what to do) and foreign architectures (``refuse_foreign``)."""
     if not sd:
-        raise ValueError(
-            f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download or export it again"
-        )
+        raise ValueError(f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; {remedy}")
     sd = select_vq_tensors(sd, origin, fmt)
     refuse_foreign(sd, origin, fmt)
+    return sd
+
+
+def _from_state_dict(sd: Mapping[str, Any], path: Path, config: Any, *, fmt: str) -> VQGAN:
+    origin = repr(str(path))
+    sd = _vq_tensors(sd, origin, fmt, remedy="download or export it again")
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         fmt = f"{fmt}, diffusers key layout"
         sd = diffusers_to_taming(sd, origin=origin)
@@ -417,12 +422,7 @@ def _load_diffusers_folder(folder: Path, config: Any) -> VQGAN:
 
 def _diffusers_from_state_dict(sd, weights: Path, data: dict, cfg_path: Path, config: Any, fmt: str) -> VQGAN | None:
     origin = repr(str(weights))
-    if not sd:
-        raise ValueError(
-            f"load_vqgan: {origin} ({fmt}) is empty: it holds no tensors; download it again"
-        )
-    sd = select_vq_tensors(sd, origin, fmt)
-    refuse_foreign(sd, origin, fmt)
+    sd = _vq_tensors(sd, origin, fmt, remedy="download it again")
     sd = normalize_quantizer(diffusers_to_taming(sd, origin=origin), origin)
     declared = fields_from_diffusers_config(data, cfg_path)
     if isinstance(config, VQGANConfig):

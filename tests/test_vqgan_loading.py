@@ -441,6 +441,22 @@ def test_tiny_preset_needs_norm_groups(tmp_path):
     assert verbatim.config == model.config
 
 
+def test_files_without_tensors_are_refused_with_a_remedy(tmp_path):
+    """Taming / safetensors files and diffusers weights share the empty-file check; each says
+    what to do (a diffusers folder is downloaded, a checkpoint may also be re-exported)."""
+    save_file({}, tmp_path / "empty.safetensors")
+    torch.save({}, tmp_path / "empty.ckpt")
+    (tmp_path / "diff").mkdir()
+    save_file({}, tmp_path / "diff" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "diff" / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    for name in ("empty.safetensors", "empty.ckpt"):
+        with pytest.raises(ValueError, match=r"is empty: it holds no tensors; download or export it again$"):
+            load_vqgan(tmp_path / name)
+    with pytest.raises(ValueError, match=r"\(diffusers VQModel diffusion_pytorch_model.safetensors\) is "
+                       r"empty: it holds no tensors; download it again$"):
+        load_vqgan(tmp_path / "diff")
+
+
 # ---------------------------------------------------------------------------------------------
 # sibling yaml
 # ---------------------------------------------------------------------------------------------
