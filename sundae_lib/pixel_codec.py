@@ -165,14 +165,8 @@ class PixelCodec(nn.Module):
         return h, w // self.config.channels
 
     @torch.no_grad()
-    def encode(
-        self,
-        x: torch.Tensor,
-        *,
-        pad: str = "replicate",
-        tile: int | None = None,
-        overlap: int | None = None,
-    ) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, *, pad: str = "replicate", tile: int | None = None,
+               overlap: int | None = None) -> torch.Tensor:
         """Images ``[b, channels, H, W]`` float in [-1, 1] -> tokens ``[b, H, W*channels]`` int64.
         ``pad``, ``tile`` and ``overlap`` are accepted for interface parity (factor 1 never pads;
         every pixel is its own token, so there is nothing to tile)."""

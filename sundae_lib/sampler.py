@@ -393,21 +393,10 @@ def sample(
     try:
         with torch.inference_mode(), interrupt_check(check_interrupt):
             x = _sample_loop(
-                prior,
-                shape=(b, h, w),
-                k=k,
-                device=device,
-                init=init,
-                regen=regen,
-                strength=strength,
-                labels=labels_t,
-                cfg_scale=cfg_scale,
-                total=n_run,
-                temps=temps,
-                props=props,
-                min_steps=min_steps if early_stop else None,
-                generator=generator,
-                callback=callback,
+                prior, shape=(b, h, w), k=k, device=device, init=init, regen=regen,
+                strength=strength, labels=labels_t, cfg_scale=cfg_scale, total=n_run,
+                temps=temps, props=props, min_steps=min_steps if early_stop else None,
+                generator=generator, callback=callback,
             )
     finally:
         _restore_modes(modes)

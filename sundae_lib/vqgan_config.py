@@ -235,15 +235,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         norm_groups=8,
     ),
     # unit tests: f2, attention at the low-resolution level
-    "tiny": dict(
-        ch=8,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(16,),
-        resolution=32,
-        z_channels=8,
-        embed_dim=8,
-        n_embed=32,
-        norm_groups=4,
-    ),
+    "tiny": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
+                 z_channels=8, embed_dim=8, n_embed=32, norm_groups=4),
 }

@@ -32,12 +32,9 @@ NOMINAL_RESOLUTION = 256  # taming's usual ddconfig.resolution; only its ratio t
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".th")
-DIFFUSERS_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.bin",
-)
+# diffusion_pytorch_model{,.fp16}.{safetensors,bin}, safetensors first
+DIFFUSERS_WEIGHTS = tuple(f"diffusion_pytorch_model{variant}{ext}"
+                          for ext in (".safetensors", ".bin") for variant in ("", ".fp16"))
 
 _DIFFUSERS_ATTN = {
     "group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k",
