@@ -20,7 +20,6 @@ Imports only the standard library (no torch), so ``sundae-train --help`` stays f
 from __future__ import annotations
 
 import dataclasses
-import operator
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -42,8 +41,15 @@ def config_property(field: str, doc: str) -> property:
     """A read-only ``property`` that returns ``self.config.<field>``, for the sizes a model
     takes from its config: ``codebook_size = config_property("codebook_size", "...")`` in a class
     body reads as the hand-written ``@property`` would (assigning to it raises
-    ``AttributeError``), and ``doc`` becomes its docstring."""
-    return property(operator.attrgetter(f"config.{field}"), doc=doc)
+    ``AttributeError``), and ``doc`` becomes its docstring. A plain function, not
+    ``operator.attrgetter``: ``torch.compile`` traces it (an ``attrgetter`` call is a graph
+    break inside the prior's forward)."""
+
+    def read(self: Any) -> Any:
+        return getattr(self.config, field)
+
+    read.__name__ = field
+    return property(read, doc=doc)
 
 
 def tupleize(value: Any) -> Any:

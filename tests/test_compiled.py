@@ -96,3 +96,18 @@ def test_cli_compile_flag_writes_the_same_images(tmp_path):
         assert result.exit_code == 0, result.output
         outs[bool(flag)] = out.read_bytes()
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_prior_forward_is_one_graph(num_classes):
+    """No graph break in the sampler's forward (``validate=False``): a break splits the compiled
+    prior into pieces and slows every step (an ``operator.attrgetter`` property once did)."""
+    torch.manual_seed(0)
+    prior = SundaePrior(PriorConfig.preset("tiny", num_classes=num_classes)).eval()
+    whole = torch.compile(prior, backend="eager", fullgraph=True)  # raises on any break
+    tokens = torch.randint(0, prior.codebook_size, (2, 8, 8))
+    labels = torch.tensor([1, -1]) if num_classes else None
+    with torch.inference_mode():
+        got = whole(tokens, labels, validate=False)
+        want = prior(tokens, labels, validate=False)
+    assert torch.equal(got, want)
