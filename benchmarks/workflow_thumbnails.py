@@ -161,9 +161,12 @@ def main() -> None:
         prior = widgets(wf, "SundaeLoadPrior")[0].removesuffix(".safetensors")
         used = sampler_settings(prior, s)
         klass = str(s.get("class", "none")).strip()
-        klass = "any class" if klass.lower() in labels.NULL_WORDS else f"class {klass}"
+        null = klass.lower() in labels.NULL_WORDS
+        klass = "any class" if null else f"class {klass}"
+        # a recorded cfg (widget 0) is skipped for the null class: nothing to guide towards
+        guide = "no guidance" if null and not float(s.get("cfg") or 0) else f"cfg {used.cfg_scale:g}"
         caption = (f"real ComfyUI output: {prior}, {used.steps} steps, T {used.temperature[0]:g}->"
-                   f"{used.temperature[1]:g}, cfg {used.cfg_scale:g}, {klass}"
+                   f"{used.temperature[1]:g}, {guide}, {klass}"
                    + (f", strength {s['strength']}" if s.get("strength", 1) != 1 else ""))
         holes = inp is not None and load and ("holes" in load[0] or Image.open(WORKFLOWS / load[0]).mode == "RGBA")
         inp_caption = "input (grey = hole)" if holes else "input"

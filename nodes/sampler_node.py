@@ -22,6 +22,7 @@ from ..sundae_lib.checks import check_tokens
 from ..sundae_lib.codec_spec import CodecSpec, check_codec_pairing
 from ..sundae_lib.labels import resolve_class
 from ..sundae_lib.prior_metadata import SamplingDefaults
+from ..sundae_lib.sampler import can_guide_classes
 from . import comfy_adapter as comfy
 from .codec_nodes import check_tokens_fit_codec
 from .convert import codec_to_image, image_to_pil, tokens_on
@@ -138,9 +139,11 @@ def _settings(prior: PriorHandle, steps: int, temperature: tuple[float, float], 
     from_prior = [name for name, value in (("steps", steps), ("temperature_start", temperature[0]),
                                           ("temperature_end", temperature[1]), ("update_start", update[0]),
                                           ("update_end", update[1]), ("cfg_scale", cfg_scale)) if not value]
-    skipped = not cfg_scale and null_class and settings.cfg_scale != 1.0
+    unguidable = null_class or not can_guide_classes(prior.model)
+    skipped = not cfg_scale and unguidable and settings.cfg_scale != 1.0
+    why = "the null class" if can_guide_classes(prior.model) else "a prior without a null class"
     logger.info("SundaeSampler: %s%s%s", settings.describe(),
-                " (the recorded guidance does nothing for the null class: skipped)" if skipped else "",
+                f" (the recorded guidance does nothing for {why}: skipped)" if skipped else "",
                 f" ({', '.join(from_prior)} at 0: the prior's recommended values)" if from_prior else "")
     return settings, cfg_scale or None
 

@@ -106,9 +106,20 @@ def _check_init_tokens(init: object, k: int, device: torch.device) -> torch.Tens
     return init.to(device)
 
 
-def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """A regenerate-mask ``[m, h, w]`` (``m`` dividing ``b``) or ``[h, w]`` -> bool ``[b, h, w]``
-    on ``device``: the one place a mask is broadcast to the sample batch."""
+def can_guide_classes(prior: torch.nn.Module) -> bool:
+    """Whether classifier-free guidance can act on this prior at all: class-conditional with a
+    null class (it also needs a label that is not the null class). A *recorded* cfg_scale is
+    skipped where it cannot act; the Sampler node asks the same question for its log."""
+    base = unwrap(prior)
+    return int(base.num_classes) > 0 and bool(base.has_null_class)
+
+
+def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device,
+                b0: int | None = None) -> torch.Tensor:
+    """A regenerate-mask ``[m, h, w]`` or ``[h, w]`` -> bool ``[b, h, w]`` on ``device``: the one
+    place a mask is broadcast to the sample batch. ``m`` is ``b``, or divides the init batch
+    ``b0`` (so every mask serves whole init grids: mask ``i`` covers grids
+    ``i*b0/m .. (i+1)*b0/m - 1`` and all their samples)."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(
             f"sample: mask must be a bool tensor [b, h, w] (True = regenerate), got "
@@ -123,12 +134,15 @@ def _check_mask(mask: object, b: int, h: int, w: int, device: torch.device) -> t
         mask = mask != 0
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
-    if mask.dim() != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] == 0 or b % mask.shape[0]:
+    b0 = b if b0 is None else b0
+    m = mask.shape[0] if mask.dim() == 3 else 0
+    if mask.dim() != 3 or tuple(mask.shape[1:]) != (h, w) or m == 0 or (m != b and b0 % m):
         raise ValueError(
-            f"sample: mask shape {tuple(mask.shape)} does not match the tokens [{b}, {h}, {w}]; "
-            f"allowed: [{b}, {h}, {w}], [m, {h}, {w}] with m dividing {b} (each mask serves {b}/m "
-            f"consecutive samples), [1, {h}, {w}] or [{h}, {w}] (one mask for all). Convert pixel "
-            f"masks to the token grid first (masks.token_mask_from_pixels)"
+            f"sample: mask shape {tuple(mask.shape)} does not match the tokens [{b}, {h}, {w}] "
+            f"({b0} init grids); allowed: [{b}, {h}, {w}] (one per sample), [m, {h}, {w}] with m "
+            f"dividing {b0} (each mask serves {b0}/m consecutive init grids and their samples), "
+            f"[1, {h}, {w}] or [{h}, {w}] (one mask for all). Convert pixel masks to the token "
+            f"grid first (masks.token_mask_from_pixels)"
         )
     return _spread(mask.to(device), b)
 
@@ -352,7 +366,7 @@ def sample(
 
     labels_t = resolve_labels(prior, labels, b, device, "sample")
     num_classes = int(base.num_classes)
-    can_guide = num_classes > 0 and bool(base.has_null_class)
+    can_guide = can_guide_classes(base)
     if cfg_recorded and cfg_scale != 1.0 and (not can_guide or bool((labels_t < 0).all())):
         # the file's guidance scale has nothing to act on (no classes, no null class, or only
         # null labels: u + s * (u - u) = u); skip the second branch instead of refusing / wasting it
@@ -369,7 +383,7 @@ def sample(
     regen: torch.Tensor | None = None  # None = regenerate everywhere
     if mask is not None:
         assert init is not None
-        regen = _check_mask(mask, b, h, w, device)
+        regen = _check_mask(mask, b, h, w, device, b0)
         if not bool(regen.any()):
             logger.info("sample: the mask is empty, nothing to regenerate: returning init_tokens")
             return init.clone()

@@ -59,3 +59,12 @@ def test_everything_written_atomically_gets_the_umask_mode(tmp_path, umask):
     os.chmod(prior, 0o600)
     save_prior(SundaePrior(PriorConfig.preset("tiny")), prior)
     assert _mode(prior) == want
+
+
+def test_save_grid_frames_a_grid_but_not_a_single_image(tmp_path):
+    from PIL import Image
+
+    one = save_grid(torch.zeros(1, 1, 28, 28), tmp_path / "one.png")
+    assert Image.open(one).size == (28, 28)  # feeds back into inpaint as the same 28x28 image
+    two = save_grid(torch.zeros(2, 1, 28, 28), tmp_path / "two.png")
+    assert Image.open(two).size == (2 + 2 * 30, 2 + 30)  # 2 px gaps around and between

@@ -91,3 +91,44 @@ def test_the_empty_mask_shortcut_returns_every_sample_without_a_forward(monkeypa
     out = sample(prior, init_tokens=init, mask=torch.zeros(8, 8, dtype=torch.bool), batch_size=6,
                  callback=lambda *a: (_ for _ in ()).throw(AssertionError("no callback")))
     assert torch.equal(out, init.repeat_interleave(3, dim=0))
+
+
+def test_a_mask_serves_whole_init_grids():
+    """init [2] -> 6 samples (3 per grid): a mask batch must divide the 2 init grids (or be one
+    per sample); 3 masks would give grid 0's samples two different masks."""
+    prior = tiny_prior()
+    init = torch.randint(0, prior.codebook_size, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    top = torch.zeros(8, 8, dtype=torch.bool)
+    top[:4] = True
+    kw = dict(init_tokens=init, batch_size=6, steps=2, early_stop=False, temperature=1.0,
+              update_proportion=1.0, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="m dividing 2"):
+        sample(prior, mask=top.expand(3, 8, 8), **kw)
+    two = torch.stack([top, ~top])  # grid 0: regenerate the top, grid 1: the bottom
+    out = sample(prior, mask=two, **kw)
+    assert torch.equal(out[:3, 4:], init[:1, 4:].expand(3, 4, 8))  # grid 0's kept bottom
+    assert torch.equal(out[3:, :4], init[1:, :4].expand(3, 4, 8))  # grid 1's kept top
+    assert sample(prior, mask=top.expand(6, 8, 8), **kw).shape == (6, 8, 8)
+
+
+def test_cli_class_auto_keeps_the_guessed_id(tmp_path, monkeypatch):
+    """--class auto picks class *id* 1; with the label map ["1", "0"] its name is "0". Passed on
+    as the string "1", the name would win and sample class id 0."""
+    torch.manual_seed(0)
+    path = tmp_path / "p.safetensors"
+    save_prior(SundaePrior(PriorConfig.preset("tiny", grid=(4, 4), num_classes=2)), path,
+               metadata={"sundae.codec": "pixel:levels=16,channels=1", "sundae.label_map": '["1", "0"]'})
+    Image.fromarray(np.full((4, 4), 100, dtype=np.uint8)).save(tmp_path / "x.png")
+    seen = {}
+
+    def spy(prior, **kw):
+        seen.update(kw)
+        return kw["init_tokens"].expand(kw["batch_size"], -1, -1).clone()
+
+    monkeypatch.setattr(sample_cmd, "guess_class", lambda prior, tokens, mask, seed=0: (1, [0.0, 1.0]))
+    monkeypatch.setattr(sundae_lib, "sample", spy)
+    sample_cmd.run_inpaint(image=str(tmp_path / "x.png"), mask=None, box="0,2,4,2", rule="any", grow=0, resize=0,
+                           composite=True, num=2, out=str(tmp_path / "o.png"), model=str(path), vqgan=None, seed=0,
+                           steps=1, temperature=None, update_proportion=None, min_steps=None, early_stop=None,
+                           klass=None, cfg_scale=None, batch_size=2, device="cpu")
+    assert seen["labels"].tolist() == [1, 1]

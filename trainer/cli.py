@@ -370,7 +370,8 @@ def sampling_options(fn):
         click.option("--compile", "compile_prior", is_flag=True, default=False,
                      help="torch.compile the prior first (inductor, frozen weights): faster steps "
                           "after a compile of tens of seconds per new shape; for many images with one "
-                          "model. Needs a C++ compiler on CPUs; falls back to eager with a warning."),
+                          "model. Needs a C++ compiler on CPUs (an error says so when none is found); if "
+                          "compiling still fails, sampling goes on eagerly with a warning."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

@@ -250,7 +250,8 @@ def progress_bar(run, info, start: int, desc: str):
 
 
 def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> Path:
-    """Images ``[b, c, H, W]`` in [-1, 1] -> one PNG grid (2 px gaps), written atomically."""
+    """Images ``[b, c, H, W]`` in [-1, 1] -> one PNG grid (2 px gaps), written atomically. A
+    single image is written as it is (no frame), so it can be fed back, e.g. to ``inpaint``."""
     from PIL import Image
 
     from ..sundae_lib._helpers import atomic_write
@@ -259,7 +260,7 @@ def save_grid(images: torch.Tensor, path: Path, *, nrow: int | None = None) -> P
     b, c, h, w = x.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(b)))
     rows = math.ceil(b / nrow)
-    pad = 2
+    pad = 2 if b > 1 else 0
     canvas = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(b):
         r, col = divmod(i, nrow)

@@ -128,7 +128,7 @@ def _schedule(text: str | None) -> float | tuple[float, float] | None:
     return tuple(values)
 
 
-def _labels(klass: str | None, prior, n: int) -> torch.Tensor | None:
+def _labels(klass: str | int | None, prior, n: int) -> torch.Tensor | None:
     """``--class`` -> labels ``[n]``: an id, a name of the prior's label map or 'null' for all;
     not given: cycle through the classes (None for an unconditional prior)."""
     from ..sundae_lib.labels import resolve_class
@@ -342,7 +342,7 @@ def run_inpaint(*, image, mask, box, rule, grow, resize, composite, num, out, mo
         space = LabelSpace.of(prior)
         logger.info("--class auto: %s; the kept part's log-likelihood per class: %s", space.name(best),
                     ", ".join(f"{space.name(c)} {v:.3f}" for c, v in enumerate(scores)))
-        klass = str(best)
+        klass = best  # the id itself: as a string, a label-map name "1" could win over id 1
     labels = _labels(klass, prior, num)
     results = []
     for start in range(0, num, batch_size):
