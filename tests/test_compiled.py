@@ -83,19 +83,28 @@ def test_compile_prior_refuses_what_it_cannot_compile(monkeypatch):
 
 
 @pytest.mark.skipif(compiled_mod.cpu_compiler() is None, reason="no C++ compiler on this machine")
-def test_cli_compile_flag_writes_the_same_images(tmp_path):
+def test_cli_compile_flag_writes_the_same_images(tmp_path, caplog):
+    """The tiny prior of the test above behind a 16-level pixel codec: the same graph, so
+    inductor's cache makes this compile cheap."""
     from click.testing import CliRunner
+    from comfyui_sundae.sundae_lib import save_prior
     from comfyui_sundae.trainer.cli import main
 
+    model = tmp_path / "tiny.safetensors"
+    save_prior(_prior(), model, metadata={"sundae.codec": "pixel:levels=16,channels=1"})
     outs = {}
     for flag in ([], ["--compile"]):
         out = tmp_path / f"s{len(flag)}.png"
-        args = ["sample", "--model", "mnist-vq", "-n", "2", "--class", "3", "--steps", "3",
-                "--no-early-stop", "--precision", "fp32", "--out", str(out), *flag]
-        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        args = ["sample", "--model", str(model), "-n", "2", "--steps", "3", "--no-early-stop",
+                "-t", "1.0", "-p", "1.0", "--cfg", "1", "--precision", "fp32", "--out", str(out),
+                *flag]
+        with caplog.at_level(logging.INFO):
+            result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         outs[bool(flag)] = out.read_bytes()
     assert outs[True] == outs[False]
+    assert "prior compiled with torch.compile" in caplog.text  # the flag reached the prior
+    assert "compiling the prior failed" not in caplog.text  # and it ran compiled, no fallback
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
