@@ -9,8 +9,9 @@ the node's input and the sampler; one conversion, one broadcast, one empty-mask 
 
 1. ``nodes/mask_node.py`` (Latent Mask: MASK ``[B, H, W]``) or ``trainer/sample_cmd.py``
    (``inpaint --mask / --box``) calls :func:`token_mask_from_pixels` (here): pixels -> bool
-   token mask ``[m, h, w]``, the only pixel-to-token conversion (a pixel codec's interleaved
-   channels included).
+   token mask ``[m, h, w]``, the only pixel-to-token conversion (the CLI passes a pixel
+   codec's interleaved ``channels``; the node's codec list holds VQ-GANs and grey, 1-channel
+   pixel codecs, for which the default ``channels=1`` is right).
 2. ``nodes/types.py``: the node attaches it to the tokens as ``TokenBatch.mask``, unrepeated
    (``m = 1``: one mask for every image; one image with several masks is repeated per mask).
 3. ``nodes/sampler_node.py`` passes tokens and mask as they are to ``sample()`` with
