@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 PIXEL_LEVELS = (256, 128, 64, 32, 16, 8, 4, 2)
 _PIXEL_RE = re.compile(r"^pixels \((\d+) levels, (grey|RGB)\)$")
+_COMPILE_TOOLTIP = (
+    "torch.compile the prior (inductor, frozen weights): faster sampling steps, but the first run "
+    "of each new image size compiles for tens of seconds (progress waits at the first step). Worth "
+    "it for many images with one model; needs a C++ compiler on CPUs; off for the small shipped models."
+)
 _DTYPE_TOOLTIP = (
     "Weights precision: auto = the fastest safe one here (bf16 on GPUs that have it, else fp16; on CPU "
     "bf16 only with AMX / AVX512-BF16 measured faster, else fp32); bf16/fp16 halve the memory, fp32 "
@@ -155,25 +160,30 @@ class SundaeLoadPrior:
                     {"tooltip": "The SUNDAE prior file from models/sundae (larger priors give better images but sample more slowly)."},
                 ),
                 "dtype": (list(comfy.DTYPE_CHOICES), {"default": "auto", "tooltip": _DTYPE_TOOLTIP}),
-            }
+            },
+            "optional": {
+                "torch_compile": ("BOOLEAN", {"default": False, "tooltip": _COMPILE_TOOLTIP}),
+            },
         }
 
     @classmethod
-    def IS_CHANGED(cls, prior_name, dtype="auto"):
-        return f"{_signature('sundae', prior_name)}:{dtype}"
+    def IS_CHANGED(cls, prior_name, dtype="auto", torch_compile=False):
+        return f"{_signature('sundae', prior_name)}:{dtype}:{bool(torch_compile)}"
 
-    def load(self, prior_name: str, dtype: str = "auto"):
+    def load(self, prior_name: str, dtype: str = "auto", torch_compile: bool = False):
         path = comfy.resolve_model_path("sundae", prior_name)
         model = sundae_lib.load_prior(str(path))
         codec = metadata_of(model).get(META_CODEC)  # the raw string, for messages; parsed by CodecSpec
         model, device, dt = _place(model, dtype)
+        if torch_compile:  # after placing: the frozen weights are this device's and dtype's
+            model = sundae_lib.compile_prior(model)
         handle = PriorHandle(
             model=model, name=prior_name, device=device, dtype=dt, codec=codec,
             factor=factor_from_codec_metadata(codec),
         )
         logger.info(
-            "SundaeLoadPrior: loaded %s (%d codes, %s classes, trained grid %s, codec %s) on %s (%s)",
+            "SundaeLoadPrior: loaded %s (%d codes, %s classes, trained grid %s, codec %s) on %s (%s%s)",
             prior_name, handle.codebook_size, model.num_classes or "no", tuple(model.config.grid),
-            codec or "unknown", device, dt,
+            codec or "unknown", device, dt, ", torch.compile: compiles at the first step" if torch_compile else "",
         )
         return (handle,)

@@ -152,3 +152,29 @@ def test_codec_pairing_factor_mismatch_is_an_error_and_another_sha256_a_warning(
         assert "not the file" not in caplog.text
         assert run_sampler(prior, vqgan=tuned).grid == (7, 7)  # a fine-tuned VQ-GAN: allowed, with a warning
     assert "SundaeSampler: the VQ-GAN 'vq4-tuned.safetensors' is not the file prior 'p.safetensors' was trained on" in caplog.text
+
+
+def test_load_prior_torch_compile_option(model_dirs, monkeypatch):
+    """torch_compile wraps the placed prior in compile_prior (here with a stand-in torch.compile:
+    the real one is tested in test_compiled.py) and the sampler gives the same tokens."""
+    from comfyui_sundae.sundae_lib import compiled
+
+    compiled_calls = []
+
+    def fake_compile(model, **kw):
+        compiled_calls.append(kw)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(compiled, "cpu_compiler", lambda: "/usr/bin/c++")
+    save_prior(tiny_prior(seed=0), model_dirs / "sundae" / "t.safetensors")
+    (plain,) = LoadPrior().load("t.safetensors", "fp32")
+    (fast,) = LoadPrior().load("t.safetensors", "fp32", torch_compile=True)
+    assert isinstance(fast.model, compiled.CompiledPrior) and not isinstance(plain.model, compiled.CompiledPrior)
+    assert compiled_calls == [{"options": {"freezing": True}}]
+    assert fast.codebook_size == plain.codebook_size
+    assert LoadPrior.IS_CHANGED("t.safetensors", "fp32", True) != LoadPrior.IS_CHANGED("t.safetensors", "fp32")
+    assert torch.equal(run_sampler(fast).tokens, run_sampler(plain).tokens)
+    monkeypatch.setattr(compiled, "cpu_compiler", lambda: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        LoadPrior().load("t.safetensors", "fp32", torch_compile=True)

@@ -407,7 +407,8 @@ def test_min_node_size_matches_the_frontend():
     by_type = {n["type"]: n for n in wf["nodes"]}
     # sampler: 3 sockets, 13 widget inputs + the seed's control widget = 14 widgets
     assert min_node_size(by_type["SundaeSampler"])[1] == 3 * 20 + 14 * 24 + 8 + 6 == 410
-    assert min_node_size(by_type["SundaeLoadPrior"])[1] == 20 + 2 * 24 + 8 + 6 == 82
+    # prior_name, dtype, torch_compile
+    assert min_node_size(by_type["SundaeLoadPrior"])[1] == 20 + 3 * 24 + 8 + 6 == 106
     assert min_node_size(by_type["SundaeEncode"])[1] == 2 * 20 + 24 + 8 + 6 == 78  # tile_size widget
     assert min_node_size(by_type["LoadImage"])[1] == 2 * 20 + 2 * 24 + 224 + 8 + 6 == 326
     assert min_node_size(by_type["SaveImage"])[1] == 20 + 24 + 224 + 8 + 6 == 282
