@@ -171,7 +171,7 @@ def test_load_prior_torch_compile_option(model_dirs, monkeypatch):
     (plain,) = LoadPrior().load("t.safetensors", "fp32")
     (fast,) = LoadPrior().load("t.safetensors", "fp32", torch_compile=True)
     assert isinstance(fast.model, compiled.CompiledPrior) and not isinstance(plain.model, compiled.CompiledPrior)
-    assert compiled_calls == [{"options": {"freezing": True}}]
+    assert len(compiled_calls) == 1 and fast.model.freezing
     assert fast.codebook_size == plain.codebook_size
     assert LoadPrior.IS_CHANGED("t.safetensors", "fp32", True) != LoadPrior.IS_CHANGED("t.safetensors", "fp32")
     assert torch.equal(run_sampler(fast).tokens, run_sampler(plain).tokens)
