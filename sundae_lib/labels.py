@@ -119,6 +119,21 @@ def resolve_class(prior: Any, value: Any, *, where: str = "label") -> int:
     return LabelSpace.of(prior, with_names=isinstance(value, str)).resolve(value, where=where)
 
 
+def _is_numpy_int(value: Any) -> bool:
+    """A NumPy integer scalar or array (without importing NumPy): dtype kind 'i' or 'u'."""
+    return not isinstance(value, torch.Tensor) and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u")
+
+
+def _from_numpy(labels: Any) -> Any:
+    """NumPy integer labels as the types the resolver takes: an array or scalar -> an int64
+    tensor, integer scalars inside a list -> ints (what ``torch.as_tensor`` accepted before)."""
+    if _is_numpy_int(labels):
+        return torch.as_tensor(labels, dtype=torch.long)
+    if isinstance(labels, (list, tuple)) and any(_is_numpy_int(v) for v in labels):
+        return [int(v) if _is_numpy_int(v) else v for v in labels]
+    return labels
+
+
 def resolve_labels(
     prior: Any,
     labels: int | str | Sequence[int | str] | torch.Tensor | None,
@@ -133,6 +148,7 @@ def resolve_labels(
     classes (or of one), or an integer tensor ``[batch]`` / ``[1]``. On a conditional prior None
     means the null class (an error when it has none); an unconditional prior accepts only None
     or the null class."""
+    labels = _from_numpy(labels)
     needs_names = isinstance(labels, str) or (
         isinstance(labels, (list, tuple)) and any(isinstance(v, str) for v in labels))
     space = LabelSpace.of(prior, with_names=needs_names)

@@ -110,3 +110,13 @@ def test_shipped_emoji_prior_knows_its_category_names():
     prior = load_prior("emoji")
     assert resolve_class(prior, "Animals & Nature") == json.loads(prior.metadata["sundae.label_map"]).index(
         "Animals & Nature")
+
+
+def test_numpy_integer_labels_are_accepted_like_ints(named):
+    import numpy as np
+
+    cases = [(np.int64(2), [2, 2]), (np.array([0, -1]), [0, -1]), ([np.int32(1), "Animals & Nature"], [1, 2])]
+    for labels, want in cases:
+        assert resolve_labels(named, labels, 2, CPU, "t").tolist() == want
+    with pytest.raises(ValueError, match="labels must be"):
+        resolve_labels(named, np.array([0.5, 1.0]), 2, CPU, "t")  # floats are not class ids
