@@ -113,6 +113,16 @@ def run_sampler(prior, **inputs):
         return NODE_CLASS_MAPPINGS["SundaeSampler"]().run(prior, **args)[0]
 
 
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random init is too tame (zero biases, unit norms): perturb every tensor so each key
+    matters for the outputs (the VQ-GAN loading tests compare converted weights through them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

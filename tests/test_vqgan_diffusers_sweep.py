@@ -16,24 +16,14 @@ import random
 import pytest
 import torch
 from comfyui_sundae.sundae_lib import load_vqgan
+from conftest import perturb
 
 diffusers = pytest.importorskip("diffusers")
 
 DOWN, ATTN_DOWN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 UP, ATTN_UP = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random init is too tame (zero biases, unit norms): perturb every tensor so each key
-    matters for the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _draw(rng: random.Random) -> tuple[dict, list[str]]:
@@ -130,7 +120,7 @@ def _save(cfg: dict, folder, seed: int):
     the encoder's own latents (as k-means init would), so images use many codes and the token
     comparison is not trivially one code everywhere."""
     torch.manual_seed(seed)
-    dm = _perturb(diffusers.VQModel(**cfg), seed)
+    dm = perturb(diffusers.VQModel(**cfg), seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(4, dm.config.in_channels, 32, 32, generator=g) * 2 - 1
     h = dm.encode(x).latents

@@ -20,24 +20,14 @@ import numpy as np
 import pytest
 import torch
 from comfyui_sundae.sundae_lib import VQGAN, VQGANConfig, load_vqgan, save_vqgan
-from safetensors.torch import load_file, save_file
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
+from conftest import perturb
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random init is too tame (zero biases, unit norms): perturb every tensor so each key
-    matters for the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _images(b=2, c=3, h=16, w=20, seed=1):
@@ -57,7 +47,7 @@ def _diffusers_vq(**overrides):
     )
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return _perturb(diffusers.VQModel(**kwargs))
+    return perturb(diffusers.VQModel(**kwargs))
 
 
 @torch.no_grad()
@@ -223,7 +213,7 @@ TAMING_SMALL = dict(
 
 def _taming_model(**overrides) -> VQGAN:
     torch.manual_seed(0)
-    return _perturb(VQGAN(VQGANConfig(**{**TAMING_SMALL, **overrides})))
+    return perturb(VQGAN(VQGANConfig(**{**TAMING_SMALL, **overrides})))
 
 
 def _assert_same_model(a: VQGAN, b: VQGAN, *, channels=3):
@@ -432,7 +422,7 @@ def test_inference_matches_presets():
 
 
 def test_tiny_preset_needs_norm_groups(tmp_path):
-    model = _perturb(VQGAN(VQGANConfig.preset("tiny")))
+    model = perturb(VQGAN(VQGANConfig.preset("tiny")))
     torch.save({"state_dict": model.state_dict()}, tmp_path / "tiny.ckpt")
     with pytest.raises(ValueError, match=r"config=\{'norm_groups'"):
         load_vqgan(tmp_path / "tiny.ckpt")
@@ -535,7 +525,7 @@ def test_ldm_yaml_first_stage_without_mid_attention(tmp_path):
 
 
 def test_native_round_trip_and_override(tmp_path):
-    model = _perturb(VQGAN(VQGANConfig.preset("tiny")))
+    model = perturb(VQGAN(VQGANConfig.preset("tiny")))
     path = save_vqgan(model, tmp_path / "tiny.safetensors")
     loaded = load_vqgan(path)
     assert loaded.config == model.config
