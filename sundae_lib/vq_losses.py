@@ -117,33 +117,50 @@ _DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 class VQLossConfig:
     """Settings of :class:`VQGANLoss` (taming's ``lossconfig`` names where they exist).
 
-    ``disc_weight`` scales the adaptive GAN weight; ``disc_factor`` is the GAN factor that
-    ``adopt_weight`` zeroes before ``disc_start`` steps (the discriminator is then not run in the
-    generator step). ``beta`` weights the *commitment* term (paper placement). ``pixel_weight``
-    scales the pixel loss (taming stores but never applies it; 1.0 matches taming).
-    ``codebook_remedy``: ``"none"``; ``"restart"`` (dead codes re-initialised from batch
-    encodings); ``"ema"`` (EMA codebook, no codebook gradient term); ``"ema+restart"``.
+    Each field carries its own docstring below (shown on hover by IDEs and by Sphinx).
     """
 
     codebook_weight: float = 1.0
+    """Weight of the quantizer's loss (its codebook and commitment terms) in the generator loss."""
     beta: float = 0.25
+    """Weight of the *commitment* term (the paper's placement of beta)."""
     pixel_weight: float = 1.0
+    """Scale of the pixel loss (taming stores it but never applies it; 1.0 matches taming)."""
     pixel_loss: str = "l1"
+    """``"l1"`` or ``"l2"`` reconstruction loss."""
     perceptual_weight: float = 1.0
+    """Weight of the LPIPS term (0 skips its forward pass)."""
     disc_weight: float = 1.0
+    """Scale of the adaptive GAN weight."""
     disc_start: int = 10_000
+    """Step before which ``adopt_weight`` zeroes the GAN term (the discriminator does not run in
+    the generator step until then)."""
     disc_factor: float = 1.0
+    """The GAN factor that ``adopt_weight`` applies from ``disc_start`` on."""
     disc_loss: str = "hinge"
+    """Discriminator objective: ``"hinge"`` or ``"vanilla"``."""
     disc_num_layers: int = 3
+    """Strided layers of the PatchGAN discriminator."""
     disc_ndf: int = 64
+    """Base channel width of the discriminator."""
     disc_in_channels: int = 3
+    """Image channels the discriminator reads."""
     disc_actnorm: bool = False
+    """ActNorm instead of BatchNorm in the discriminator (taming's option)."""
     adaptive_weight: bool = True
+    """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer;
+    ``False`` uses ``disc_weight`` as it is."""
     codebook_remedy: str = "none"
+    """Dead-code remedy: ``"none"``; ``"restart"`` (dead codes re-initialised from batch
+    encodings); ``"ema"`` (EMA codebook, no codebook gradient term); ``"ema+restart"``."""
     ema_decay: float = 0.99
+    """Decay of the EMA codebook, in [0, 1)."""
     ema_eps: float = 1e-5
+    """Laplace smoothing of the EMA cluster sizes (> 0)."""
     restart_decay: float = 0.99
+    """Decay of the per-code usage average that finds dead codes, in [0, 1)."""
     restart_threshold: float = 0.01
+    """A code whose usage falls below this fraction of the uniform share is restarted, in (0, 1)."""
 
     def __post_init__(self):
         for name in ("codebook_weight", "beta", "pixel_weight", "perceptual_weight", "disc_weight",
