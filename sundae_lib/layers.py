@@ -12,7 +12,7 @@ that attend inside small windows (the resampling blocks) may use window-local co
 einops axis legend:
     b batch · h, w grid rows / columns at the current level · n tokens (h·w) · d model width ·
     heads attention heads · e head width (dim_head) · hc, wc coarse grid · s1, s2 offsets inside
-    an s×s patch · k keys of one resampling window
+    an s×s patch · k keys of one resampling window · c projected keys and values (2·heads·e)
 """
 
 from __future__ import annotations
@@ -156,8 +156,34 @@ def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# Attention over at most this many keys (the resampling windows: s² = 4 fine tokens per coarse
+# one, 9 coarse neighbours per fine token) is computed by ``window_attention``; longer key sets
+# go to ``F.scaled_dot_product_attention``.
+WINDOW_KEYS = 16
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, *, dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax attention written out, for the many tiny groups of the resampling blocks
+    (``[b·hc·wc, heads, ≤9 queries, ≤16 keys]``). On the CPU ``scaled_dot_product_attention``
+    takes its flash kernel there, built for long sequences: a 3×3-window call of the small
+    preset took 1.7 ms for ~10 MFLOP (2-core AMX Xeon, bf16); written out, it is a few small
+    batched matmuls (and, under ``torch.compile``, one fused kernel). Scores, softmax and the
+    weighted sum are computed in float32 whatever the input dtype (as SDPA accumulates), then
+    cast back. q [..., n, e], k / v [..., m, e], mask bool broadcastable to [..., n, m] (True =
+    may attend; every query must keep at least one key) -> [..., n, e]."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights, v.float()).to(v.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head attention through ``F.scaled_dot_product_attention`` (non-causal).
+    """Multi-head attention (non-causal): ``F.scaled_dot_product_attention``, or
+    :func:`window_attention` for the resampling blocks' key sets of at most ``WINDOW_KEYS``.
 
     Width ``I = heads · dim_head`` may differ from ``dim`` (the paper used I = 512 at D = 1024).
     Rotary is applied to q and k *after* the head split, so every head sees positions (the
@@ -174,6 +200,24 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None, kv):
+        """q [b, n, I] from x; k, v [b, m, I] from ``context`` (``x`` when None), or ``kv``
+        as given (already projected).
+
+        Self-attention compiled for inference (``compile_prior``) projects q, k and v in one
+        matmul against ``[to_q; to_kv]``: inductor's freezing folds the ``cat`` of the two
+        weights into one constant, and one wider matmul reads ``x`` once. On the 2-core AMX Xeon
+        we measured, a prepacked ``[1024, 1024] × [1024, 1536]`` bf16 matmul took about half the
+        time of the two it replaces (benchmarks/RESULTS.md "Fused projections"). Eagerly the ``cat`` would be
+        a weight copy per call, and training keeps the separate projections: there both stay
+        two matmuls (same numbers either way, up to float rounding)."""
+        if kv is not None:
+            return (self.to_q(x), *kv)
+        if context is None and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            return F.linear(x, torch.cat([self.to_q.weight, self.to_kv.weight])).chunk(3, dim=-1)
+        k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
+        return self.to_q(x), k, v
+
     def heads_output(
         self,
         x: torch.Tensor,
@@ -182,32 +226,33 @@ class Attention(nn.Module):
         rot_q: RotaryTables | None = None,
         rot_k: RotaryTables | None = None,
         mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Per-head attention output before the output projection.
 
-        x: [b, n, d] queries; context: [b, m, d] keys/values (default ``x``); rot_q / rot_k:
-        rotary tables for the n queries / m keys; mask: bool, broadcastable to [b, heads, n, m],
-        True = may attend. Returns [b, heads, n, e].
+        x: [b, n, d] queries; context: [b, m, d] keys/values (default ``x``); kv: instead of
+        ``context``, keys and values already projected by ``to_kv`` (``[b, m, I]`` each; the
+        3×3-window resampling projects each coarse token once, not once per window); rot_q /
+        rot_k: rotary tables for the n queries / m keys; mask: bool, broadcastable to
+        [b, heads, n, m], True = may attend. Returns [b, heads, n, e].
         """
-        context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (heads e) -> b heads n e", heads=self.heads)
-        k, v = (
-            rearrange(t, "b m (heads e) -> b heads m e", heads=self.heads)
-            for t in self.to_kv(context).chunk(2, dim=-1)
-        )
+        q, k, v = (rearrange(t, "b n (heads e) -> b heads n e", heads=self.heads)
+                   for t in self._project(x, context, kv))
         if rot_q is not None:
             q = apply_rotary(q, rot_q)
         if rot_k is not None:
             k = apply_rotary(k, rot_k)
         p = self.dropout if self.training else 0.0
+        if k.shape[-2] <= WINDOW_KEYS:
+            return window_attention(q, k, v, mask, dropout_p=p)
         if mask is not None or p > 0:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         b, heads, _, e = q.shape
         return rowwise(lambda qc: F.scaled_dot_product_attention(qc, k, v), q,
                        macs_per_row=2 * b * heads * k.shape[-2] * e)
 
-    def forward(self, x, context=None, *, rot_q=None, rot_k=None, mask=None) -> torch.Tensor:
-        out = self.heads_output(x, context, rot_q=rot_q, rot_k=rot_k, mask=mask)
+    def forward(self, x, context=None, *, rot_q=None, rot_k=None, mask=None, kv=None) -> torch.Tensor:
+        out = self.heads_output(x, context, rot_q=rot_q, rot_k=rot_k, mask=mask, kv=kv)
         return self.to_out(rearrange(out, "b heads n e -> b n (heads e)"))
 
 
@@ -348,12 +393,15 @@ class ResampleUp(_ResampleBlock):
         s, st = self.factor, self.stride
         b, hc, wc, _ = coarse.shape
         q = rearrange(self.norm_q(fine), "b (hc s1) (wc s2) d -> (b hc wc) (s1 s2) d", s1=s, s2=s)
-        ctx = F.pad(self.norm_kv(coarse), (0, 0, 1, 1, 1, 1))  # zero ring, masked below
+        # keys and values of every coarse token, projected once (not once per window it is in:
+        # 9x fewer rows); a zero ring around the grid stands for the missing neighbours, masked
+        # below (to_kv has no bias, so zero features would have projected to zeros too)
+        kv = F.pad(self.attn.to_kv(self.norm_kv(coarse)), (0, 0, 1, 1, 1, 1))
         offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
         windows = torch.stack(
-            [ctx[:, 1 + dy : 1 + dy + hc, 1 + dx : 1 + dx + wc] for dy, dx in offsets], dim=3
+            [kv[:, 1 + dy : 1 + dy + hc, 1 + dx : 1 + dx + wc] for dy, dx in offsets], dim=3
         )
-        kv = rearrange(windows, "b hc wc k d -> (b hc wc) k d")
+        k, v = rearrange(windows, "b hc wc k c -> (b hc wc) k c").chunk(2, dim=-1)
         dev = coarse.device
         # [k=9, 2] integer (dy, dx) in the order of `offsets`, built on the device: a
         # torch.tensor(list, device=cuda) here would be a blocking host->device copy per forward
@@ -371,7 +419,7 @@ class ResampleUp(_ResampleBlock):
         centre = (s - 1) / 2
         off = off.float()
         rot_k = self.rotary.tables((off[:, 0] * s + centre) * st, (off[:, 1] * s + centre) * st)
-        out = self.attn(q, kv, rot_q=rot_q, rot_k=rot_k, mask=mask)
+        out = self.attn(q, kv=(k, v), rot_q=rot_q, rot_k=rot_k, mask=mask)
         return rearrange(out, "(b hc wc) (s1 s2) d -> b (hc s1) (wc s2) d", b=b, hc=hc, wc=wc,
                          s1=s, s2=s)
 
