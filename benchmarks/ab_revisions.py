@@ -1,0 +1,152 @@
+"""A/B of the prior between two git revisions of this repository, in one process.
+
+On a shared or virtual machine the speed of the same call drifts by 2x and more over minutes, so
+two runs minutes apart cannot tell a 5% change. This script loads ``sundae_lib`` of both
+revisions side by side (``git archive`` into a temporary folder, imported under their own
+package names), builds the same prior in each (one set of random weights, copied), and times
+them alternately, call by call, in the same process; it prints the fastest call, the 25th
+percentile and the median of each, their ratios, and the largest difference between the two
+outputs (a speed change should not change the numbers beyond float rounding).
+
+Run from the repository, alone on the machine, e.g.:
+
+    python benchmarks/ab_revisions.py HEAD~1 HEAD --case ffhq256:forward:4 --compile
+    python benchmarks/ab_revisions.py 236367a HEAD --case small:sample20:4 --rounds 20 --compile
+
+``--compile`` puts both through ``compile_prior`` (the revision's own; revisions without it run
+``torch.compile`` plainly). ``WORKTREE`` as a revision means the files as they are now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SIDES = {"ffhq256": 16, "ffhq1024": 32, "small": 16, "tiny": 8}
+
+
+def load_revision(rev: str, root: Path):
+    """``sundae_lib`` of ``rev`` imported as ``<pkg>.sundae_lib``; returns the module."""
+    if rev == "WORKTREE":
+        name = "ab_worktree"
+        shutil.copytree(REPO / "sundae_lib", root / name / "sundae_lib")
+    else:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
+                             capture_output=True, text=True)
+        if sha.returncode:
+            raise SystemExit(f"{rev!r} is not a revision of {REPO}: {sha.stderr.strip()}")
+        name = f"ab_{sha.stdout.strip()}"
+        (root / name).mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "sundae_lib"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root / name)], input=archive, check=True)
+    (root / name / "__init__.py").write_text("")
+    return importlib.import_module(f"{name}.sundae_lib")
+
+
+def build(lib, preset: str, dtype: torch.dtype, compiled: bool, state=None):
+    """(the prior to call, the fp32 state dict its weights came from): ``state`` None = fresh
+    random weights (seeded by the caller), else these weights."""
+    model = lib.SundaePrior(lib.PriorConfig.preset(preset)).eval()
+    if state is None:
+        state = copy.deepcopy(model.state_dict())
+    else:
+        model.load_state_dict(state)
+    model = model.to(dtype)
+    if not compiled:
+        return model, state
+    if hasattr(lib, "compile_prior"):
+        return lib.compile_prior(model), state
+    return torch.compile(model), state
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rev_a")
+    p.add_argument("rev_b")
+    p.add_argument("--case", default="ffhq256:forward:4",
+                   help="preset:mode:batch, mode forward or sample20 (20 steps, early stop off)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--rounds", type=int, default=30, help="timed calls of each, alternating")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    preset, mode, batch = args.case.split(":")
+    if preset not in SIDES or mode not in ("forward", "sample20"):
+        raise SystemExit(f"--case {args.case!r}: preset one of {sorted(SIDES)}, mode forward or "
+                         "sample20, then the batch size, e.g. ffhq256:forward:4")
+    batch, side, dtype = int(batch), SIDES[preset], getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="ab_revisions_"))
+    sys.path.insert(0, str(root))
+    try:
+        libs = {rev: load_revision(rev, root) for rev in (args.rev_a, args.rev_b)}
+        torch.manual_seed(0)
+        state = None
+        nets = {}
+        for rev, lib in libs.items():
+            net, state = build(lib, preset, dtype, args.compile, state)
+            nets[rev] = (lib, net)
+        tokens = torch.randint(0, nets[args.rev_a][1].config.codebook_size, (batch, side, side))
+
+        def call(rev):
+            lib, net = nets[rev]
+            with torch.inference_mode():
+                if mode == "forward":
+                    return net(tokens)
+                return lib.sample(net, batch_size=batch, steps=20, temperature=(1.0, 0.7),
+                                  update_proportion=1.0, early_stop=False, min_steps=0,
+                                  cfg_scale=1.0, labels=None,
+                                  generator=torch.Generator().manual_seed(0))
+
+        first, outs = {}, {}
+        for rev in nets:
+            t0 = time.perf_counter()
+            outs[rev] = call(rev).float()
+            first[rev] = time.perf_counter() - t0
+        diff = (outs[args.rev_a] - outs[args.rev_b]).abs().max().item()
+        times = {rev: [] for rev in nets}
+        for r in range(args.rounds):
+            for rev in (list(nets) if r % 2 else list(nets)[::-1]):
+                t0 = time.perf_counter()
+                call(rev)
+                times[rev].append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    print(f"{args.case} {args.dtype}{' compiled' if args.compile else ''}, {args.rounds} calls "
+          f"each, alternating; {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    stats = {}
+    for rev, ts in times.items():
+        ts = sorted(ts)
+        stats[rev] = (ts[0], ts[len(ts) // 4], statistics.median(ts))
+        print(f"  {rev:>12}: min {ts[0]:.4f} s  p25 {stats[rev][1]:.4f}  median {stats[rev][2]:.4f}"
+              f"  (first call {first[rev]:.1f} s)")
+    a, b = stats[args.rev_a], stats[args.rev_b]
+    print(f"  time {args.rev_a} / time {args.rev_b} (> 1: {args.rev_b} faster): min {a[0] / b[0]:.3f}x  p25 {a[1] / b[1]:.3f}x  "
+          f"median {a[2] / b[2]:.3f}x")
+    what = "logits" if mode == "forward" else "tokens"
+    print(f"  largest |difference| of the two {what}: {diff:.4g}")
+
+
+if __name__ == "__main__":
+    main()
