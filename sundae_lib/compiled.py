@@ -3,7 +3,8 @@
 What it buys (measured by ``benchmarks/vs_official.py --compile``, numbers in
 ``benchmarks/RESULTS.md``): inductor fuses the layer norms, GELU, rotary and residual adds into
 few kernels and, with *freezing*, treats the weights as constants so the CPU matmuls run on
-prepacked oneDNN weights. On small priors, where a forward is many small kernels, that is the
+prepacked oneDNN weights; on CPUs the graph calls its kernels from generated C++
+(inductor's ``cpp_wrapper``), not Python. On small priors, where a forward is many small kernels, that is the
 larger share; on big ones the matmuls dominate and the gain is smaller. What it costs: a compile
 of tens of seconds on a 2-core CPU per new input shape (the first call; with early stop the
 batch shrinks, which compiles once more with a dynamic batch), and a C++ compiler on CPUs.
@@ -67,18 +68,28 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _inductor_freezing(on: bool) -> contextlib.AbstractContextManager:
-    """Inductor's ``freezing`` for the calls that compile (the first one, and any recompile).
-    Set through the config for the duration of the call, not as ``torch.compile(options=...)``:
-    with the option alone, torch 2.13 folds the weights but its CPU matmuls stay ``aten::addmm``
-    instead of prepacked oneDNN ``_linear_pointwise`` (measured in one process, bf16, 2-core AMX
-    Xeon: ffhq256 batch 4 0.138 vs 0.115 s, small batch 4 0.027 vs 0.021 s; eager 0.159 / 0.033).
-    A context, so other compiles in the process (e.g. ComfyUI's) keep their own settings."""
-    if not on:
-        return contextlib.nullcontext()
+def _inductor_options(freezing: bool, cpu: bool) -> contextlib.AbstractContextManager:
+    """Inductor settings for the calls that compile (the first one, and any recompile), set
+    through the config for the duration of the call, so other compiles in the process (e.g.
+    ComfyUI's) keep their own.
+
+    - ``freezing``: weights become constants. Not ``torch.compile(options={"freezing": True})``:
+      with the option alone, torch 2.13 folds the weights but its CPU matmuls stay
+      ``aten::addmm`` instead of prepacked oneDNN ``_linear_pointwise`` (measured in one process,
+      bf16, 2-core AMX Xeon: ffhq256 batch 4 0.138 vs 0.115 s, small batch 4 0.027 vs 0.021 s;
+      eager 0.159 / 0.033).
+    - ``cpp_wrapper`` on CPUs: the compiled graph calls its kernels from generated C++ instead of
+      Python, which saves the per-kernel call overhead of a forward made of many small kernels
+      (small preset, batch 4, bf16, same machine, alternating in one process: 20.7 vs 22.2 ms
+      fastest, 27.4 vs 30.1 ms p25, for ~10 s more compile time; benchmarks/RESULTS.md)."""
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(freezing=True)
+    options = {}
+    if freezing:
+        options["freezing"] = True
+    if cpu:
+        options["cpp_wrapper"] = True
+    return inductor_config.patch(**options) if options else contextlib.nullcontext()
 
 
 class CompiledPrior(nn.Module):
@@ -97,6 +108,7 @@ class CompiledPrior(nn.Module):
         # weights would appear twice in state_dict() / parameters()
         object.__setattr__(self, "_compiled", compiled)
         self.freezing = bool(freezing)
+        self._cpu = module_device(prior).type == "cpu"
         self.fallback_reason: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -112,7 +124,7 @@ class CompiledPrior(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                with _inductor_freezing(self.freezing):
+                with _inductor_options(self.freezing, self._cpu):
                     return self._compiled(*args, **kwargs)
             except _compile_errors() as exc:
                 cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error

@@ -120,3 +120,20 @@ def test_prior_forward_is_one_graph(num_classes):
         got = whole(tokens, labels, validate=False)
         want = prior(tokens, labels, validate=False)
     assert torch.equal(got, want)
+
+
+def test_inductor_options_apply_only_while_compiling():
+    """freezing (prepacked CPU matmuls) and, on CPUs, the C++ wrapper are set for the compiled
+    call and restored afterwards, so other compiles in the process keep their settings."""
+    import torch._inductor.config as inductor_config
+
+    before = (inductor_config.freezing, inductor_config.cpp_wrapper)
+    with compiled_mod._inductor_options(True, True):
+        assert inductor_config.freezing and inductor_config.cpp_wrapper
+    with compiled_mod._inductor_options(True, False):  # a GPU prior: no C++ wrapper
+        assert inductor_config.freezing and inductor_config.cpp_wrapper == before[1]
+    with compiled_mod._inductor_options(False, False):
+        assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
+    prior = SundaePrior(PriorConfig.preset("tiny")).eval()
+    assert compile_prior(prior)._cpu is True
