@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {"ffhq256": 16, "ffhq1024": 32, "small": 16, "tiny": 8}
@@ -128,13 +128,7 @@ def main() -> None:
                 times[rev].append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    cpu = cpu_description()
     print(f"{args.case} {args.dtype}{' compiled' if args.compile else ''}, {args.rounds} calls "
           f"each, alternating; {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     stats = {}

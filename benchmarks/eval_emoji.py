@@ -46,6 +46,7 @@ from emoji_metrics import (
     nearest,
     train_judge,
 )
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "emoji"
@@ -95,16 +96,6 @@ def per_class_picks(y: torch.Tensor, k: int, num_classes: int, seed: int) -> tor
     picks = [idx[torch.randperm(len(idx), generator=gen)[:k]] for c in range(num_classes)
              if len(idx := (y == c).nonzero().flatten())]
     return torch.cat(picks)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------

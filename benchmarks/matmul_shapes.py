@@ -18,12 +18,11 @@ Run alone on the machine:
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_description
 
 # (M, K, N): rows, input width, output width — ffhq256, batch 4 (D 1024, I 512, FF 4096)
 SHAPES = [
@@ -62,13 +61,7 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 key = (shape, kind)
                 best[key] = min(best.get(key, float("inf")), dt)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    cpu = cpu_description()
     print(f"# {cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; {args.dtype}; "
           f"best call of {args.rounds} alternating rounds × 5")
     print("| M × K × N | eager GFLOP/s | prepacked GFLOP/s |")

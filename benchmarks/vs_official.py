@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_description
 
 HERE = Path(__file__).resolve().parent
 
@@ -158,22 +159,6 @@ def worker(side: str, case: dict, reps: int, threads: int | None) -> None:
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("Flags:"):
-                have = line.split(":", 1)[1].split()
-                flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                                             "amx_tile") if f in have)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{model} [{flags or 'flags unknown'}], {os.cpu_count()} logical CPUs"
 
 
 def run_worker(python: str, side: str, case: dict, args) -> dict:

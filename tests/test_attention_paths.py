@@ -12,8 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
-
 from comfyui_sundae.sundae_lib.layers import (
     WINDOW_KEYS,
     Attention,
@@ -22,6 +20,7 @@ from comfyui_sundae.sundae_lib.layers import (
     grid_positions,
     window_attention,
 )
+from einops import rearrange, repeat
 
 
 def _qkv_mask(groups=12, heads=2, n=4, m=9, e=8, dtype=torch.float32, seed=0):
@@ -48,7 +47,7 @@ def test_window_attention_equals_sdpa_values_and_gradients(masked):
     grad = torch.randn_like(ours)
     ours.backward(grad)
     ref.backward(grad)
-    for a, b in zip(leaves, ref_leaves):
+    for a, b in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
