@@ -169,16 +169,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     takes its flash kernel there, built for long sequences: a 3×3-window call of the small
     preset took 1.7 ms for ~10 MFLOP (2-core AMX Xeon, bf16); written out, it is a few small
     batched matmuls (and, under ``torch.compile``, one fused kernel). Scores, softmax and the
-    weighted sum are computed in float32 whatever the input dtype (as SDPA accumulates), then
-    cast back. q [..., n, e], k / v [..., m, e], mask bool broadcastable to [..., n, m] (True =
+    weighted sum are computed in float32 whatever the input dtype and autocast (as SDPA
+    accumulates), then cast back. q [..., n, e], k / v [..., m, e], mask bool broadcastable to [..., n, m] (True =
     may attend; every query must keep at least one key) -> [..., n, e]."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return torch.matmul(weights, v.float()).to(v.dtype)
+    # autocast off: under bf16 / fp16 autocast (training) the matmuls would round the scores to
+    # half precision before the softmax
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if dropout_p > 0:
+            weights = F.dropout(weights, dropout_p)
+        return torch.matmul(weights, v.float()).to(v.dtype)
 
 
 class Attention(nn.Module):

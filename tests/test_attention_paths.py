@@ -60,6 +60,16 @@ def test_window_attention_keeps_the_dtype_and_the_precision_of_bf16_inputs():
     torch.testing.assert_close(ours.double(), exact, atol=2e-2, rtol=1e-2)
 
 
+def test_window_attention_keeps_float32_scores_under_autocast():
+    """Training runs under bf16 autocast: the scores must not be rounded to bf16 there."""
+    q, k, v, mask = _qkv_mask(dtype=torch.bfloat16)
+    plain = window_attention(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = window_attention(q, k, v, mask)
+    assert under.dtype == torch.bfloat16
+    torch.testing.assert_close(under, plain, atol=0, rtol=0)
+
+
 def test_window_attention_masked_keys_get_no_weight():
     q, k, v, mask = _qkv_mask()
     out = window_attention(q, k, v, mask)
