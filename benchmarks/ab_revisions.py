@@ -5,8 +5,11 @@ two runs minutes apart cannot tell a 5% change. This script loads ``sundae_lib``
 revisions side by side (``git archive`` into a temporary folder, imported under their own
 package names), builds the same prior in each (one set of random weights, copied), and times
 them alternately, call by call, in the same process; it prints the fastest call, the 25th
-percentile and the median of each, their ratios, and the largest difference between the two
-outputs (a speed change should not change the numbers beyond float rounding).
+percentile and the median of each, their ratios, and how far the outputs differ: the largest
+logit difference for a forward (a speed change should not change the numbers beyond float
+rounding), the share of differing tokens for sampling (one rounding difference changes a draw,
+and the chain goes its own way from there). The same revision twice is an A/A run: it shows
+what this machine's drift alone does to the ratios.
 
 Run from the repository, alone on the machine, e.g.:
 
@@ -37,17 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 SIDES = {"ffhq256": 16, "ffhq1024": 32, "small": 16, "tiny": 8}
 
 
-def load_revision(rev: str, root: Path):
-    """``sundae_lib`` of ``rev`` imported as ``<pkg>.sundae_lib``; returns the module."""
+def load_revision(rev: str, root: Path, side: str):
+    """``sundae_lib`` of ``rev`` imported as ``ab_<side>.sundae_lib`` (side ``a`` or ``b``, so
+    the same revision can stand on both sides); returns the module."""
+    name = f"ab_{side}"
     if rev == "WORKTREE":
-        name = "ab_worktree"
         shutil.copytree(REPO / "sundae_lib", root / name / "sundae_lib")
     else:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
                              capture_output=True, text=True)
         if sha.returncode:
             raise SystemExit(f"{rev!r} is not a revision of {REPO}: {sha.stderr.strip()}")
-        name = f"ab_{sha.stdout.strip()}"
         (root / name).mkdir()
         archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "sundae_lib"],
                                  capture_output=True, check=True).stdout
@@ -93,14 +96,17 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ab_revisions_"))
     sys.path.insert(0, str(root))
     try:
-        libs = {rev: load_revision(rev, root) for rev in (args.rev_a, args.rev_b)}
+        # keyed "A <rev>" / "B <rev>": the same revision may stand on both sides (A/A run)
+        revs = {f"A {args.rev_a}": ("a", args.rev_a), f"B {args.rev_b}": ("b", args.rev_b)}
+        libs = {key: load_revision(rev, root, side) for key, (side, rev) in revs.items()}
         torch.manual_seed(0)
         state = None
         nets = {}
         for rev, lib in libs.items():
             net, state = build(lib, preset, dtype, args.compile, state)
             nets[rev] = (lib, net)
-        tokens = torch.randint(0, nets[args.rev_a][1].config.codebook_size, (batch, side, side))
+        key_a, key_b = revs
+        tokens = torch.randint(0, nets[key_a][1].config.codebook_size, (batch, side, side))
 
         def call(rev):
             lib, net = nets[rev]
@@ -117,7 +123,7 @@ def main() -> None:
             t0 = time.perf_counter()
             outs[rev] = call(rev).float()
             first[rev] = time.perf_counter() - t0
-        a_out, b_out = outs[args.rev_a], outs[args.rev_b]
+        a_out, b_out = outs[key_a], outs[key_b]
         diff = ((a_out - b_out).abs().max().item() if mode == "forward"
                 else (a_out != b_out).float().mean().item())
         times = {rev: [] for rev in nets}
@@ -135,10 +141,10 @@ def main() -> None:
     for rev, ts in times.items():
         ts = sorted(ts)
         stats[rev] = (ts[0], ts[len(ts) // 4], statistics.median(ts))
-        print(f"  {rev:>12}: min {ts[0]:.4f} s  p25 {stats[rev][1]:.4f}  median {stats[rev][2]:.4f}"
+        print(f"  {rev:>14}: min {ts[0]:.4f} s  p25 {stats[rev][1]:.4f}  median {stats[rev][2]:.4f}"
               f"  (first call {first[rev]:.1f} s)")
-    a, b = stats[args.rev_a], stats[args.rev_b]
-    print(f"  time {args.rev_a} / time {args.rev_b} (> 1: {args.rev_b} faster): min {a[0] / b[0]:.3f}x  p25 {a[1] / b[1]:.3f}x  "
+    a, b = stats[key_a], stats[key_b]
+    print(f"  time A / time B (> 1: B faster): min {a[0] / b[0]:.3f}x  p25 {a[1] / b[1]:.3f}x  "
           f"median {a[2] / b[2]:.3f}x")
     if mode == "forward":
         print(f"  largest |difference| of the two logits: {diff:.4g}")

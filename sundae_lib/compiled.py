@@ -68,10 +68,10 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _inductor_options(freezing: bool, cpu: bool) -> contextlib.AbstractContextManager:
-    """Inductor settings for the calls that compile (the first one, and any recompile), set
-    through the config for the duration of the call, so other compiles in the process (e.g.
-    ComfyUI's) keep their own.
+def _inductor_options(freezing: bool, cpp_wrapper: bool) -> contextlib.AbstractContextManager:
+    """Inductor settings, set through the config around every call of the compiled prior (they
+    take effect in the calls that compile: the first one and any recompile), so other compiles
+    in the process (e.g. ComfyUI's) keep their own.
 
     - ``freezing``: weights become constants. Not ``torch.compile(options={"freezing": True})``:
       with the option alone, torch 2.13 folds the weights but its CPU matmuls stay
@@ -81,13 +81,14 @@ def _inductor_options(freezing: bool, cpu: bool) -> contextlib.AbstractContextMa
     - ``cpp_wrapper`` on CPUs: the compiled graph calls its kernels from generated C++ instead of
       Python, which saves the per-kernel call overhead of a forward made of many small kernels
       (small preset, batch 4, bf16, same machine, alternating in one process: 20.7 vs 22.2 ms
-      fastest, 27.4 vs 30.1 ms p25, for ~10 s more compile time; benchmarks/RESULTS.md)."""
+      fastest, 27.4 vs 30.1 ms p25, for ~10 s more compile time; benchmarks/RESULTS.md). If
+      compiling with it fails, ``CompiledPrior`` compiles once more without it."""
     import torch._inductor.config as inductor_config
 
     options = {}
     if freezing:
         options["freezing"] = True
-    if cpu:
+    if cpp_wrapper:
         options["cpp_wrapper"] = True
     return inductor_config.patch(**options) if options else contextlib.nullcontext()
 
@@ -108,7 +109,8 @@ class CompiledPrior(nn.Module):
         # weights would appear twice in state_dict() / parameters()
         object.__setattr__(self, "_compiled", compiled)
         self.freezing = bool(freezing)
-        self._cpu = module_device(prior).type == "cpu"
+        # inductor's C++ wrapper on CPUs; switched off if compiling with it fails
+        self.cpp_wrapper = module_device(prior).type == "cpu"
         self.fallback_reason: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -124,12 +126,17 @@ class CompiledPrior(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                with _inductor_options(self.freezing, self._cpu):
+                with _inductor_options(self.freezing, self.cpp_wrapper):
                     return self._compiled(*args, **kwargs)
             except _compile_errors() as exc:
                 cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error
                 lines = str(cause).strip().splitlines()
                 self.fallback_reason = f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+                if self.cpp_wrapper:  # the C++ wrapper is the newer, rarer path: try without it
+                    logger.warning("compile_prior: compiling with inductor's C++ wrapper failed "
+                                   "(%s); compiling again without it", self.fallback_reason)
+                    self.cpp_wrapper = False
+                    return self.forward(*args, **kwargs)
                 logger.warning("compile_prior: compiling the prior failed (%s); running it "
                                "eagerly (same results, no speed-up). On a CPU torch.compile "
                                "needs a working C++ compiler.", self.fallback_reason)

@@ -156,16 +156,18 @@ def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-# Attention over at most this many keys (the resampling windows: s² = 4 fine tokens per coarse
-# one, 9 coarse neighbours per fine token) is computed by ``window_attention``; longer key sets
+# Attention over at most this many keys is computed by ``window_attention``: the resampling
+# windows (s² = 4 fine tokens per coarse one at s = 2, 9 coarse neighbours per fine token), and
+# self-attention over a grid level of at most 16 tokens (a small grid's valley); longer key sets
 # go to ``F.scaled_dot_product_attention``.
 WINDOW_KEYS = 16
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")  # where window_attention switches autocast off
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, *, dropout_p: float = 0.0) -> torch.Tensor:
-    """Softmax attention written out, for the many tiny groups of the resampling blocks
-    (``[b·hc·wc, heads, ≤9 queries, ≤16 keys]``). On the CPU ``scaled_dot_product_attention``
+    """Softmax attention written out, for short key sets (``WINDOW_KEYS``): mostly the many tiny
+    groups of the resampling blocks (``[b·hc·wc, heads, s² or 1 queries, ≤ 9 or s² keys]``). On the CPU ``scaled_dot_product_attention``
     takes its flash kernel there, built for long sequences: a 3×3-window call of the small
     preset took 1.7 ms for ~10 MFLOP (2-core AMX Xeon, bf16); written out, it is a few small
     batched matmuls (and, under ``torch.compile``, one fused kernel). Scores, softmax and the
@@ -173,8 +175,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     accumulates), then cast back. q [..., n, e], k / v [..., m, e], mask bool broadcastable to [..., n, m] (True =
     may attend; every query must keep at least one key) -> [..., n, e]."""
     # autocast off: under bf16 / fp16 autocast (training) the matmuls would round the scores to
-    # half precision before the softmax
-    with torch.autocast(q.device.type, enabled=False):
+    # half precision before the softmax. Only where autocast exists: torch.autocast raises even
+    # with enabled=False on devices without it (DirectML, MPS before torch 2.5, meta).
+    device = q.device.type
+    guard = (torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES
+             else contextlib.nullcontext())
+    with guard:
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -186,7 +192,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class Attention(nn.Module):
     """Multi-head attention (non-causal): ``F.scaled_dot_product_attention``, or
-    :func:`window_attention` for the resampling blocks' key sets of at most ``WINDOW_KEYS``.
+    :func:`window_attention` for key sets of at most ``WINDOW_KEYS`` (the resampling windows).
 
     Width ``I = heads · dim_head`` may differ from ``dim`` (the paper used I = 512 at D = 1024).
     Rotary is applied to q and k *after* the head split, so every head sees positions (the
@@ -210,10 +216,12 @@ class Attention(nn.Module):
         Self-attention compiled for inference (``compile_prior``) projects q, k and v in one
         matmul against ``[to_q; to_kv]``: inductor's freezing folds the ``cat`` of the two
         weights into one constant, and one wider matmul reads ``x`` once. On the 2-core AMX Xeon
-        we measured, a prepacked ``[1024, 1024] × [1024, 1536]`` bf16 matmul took about half the
-        time of the two it replaces (benchmarks/RESULTS.md "Fused projections"). Eagerly the ``cat`` would be
-        a weight copy per call, and training keeps the separate projections: there both stay
-        two matmuls (same numbers either way, up to float rounding)."""
+        we measured, a prepacked ``[1024, 1024] × [1024, 1536]`` bf16 matmul took ~60% of the
+        time of the two it replaces (benchmarks/RESULTS.md "Fused projections"). Eagerly the
+        ``cat`` would be a weight copy per call (so would it be in a graph compiled without
+        freezing: correct, only not faster), and training keeps the separate projections: there
+        both stay two matmuls (same numbers either way, up to float rounding). The fused matmul
+        reads the two weights directly, so hooks on ``to_q`` / ``to_kv`` do not run in it."""
         if kv is not None:
             return (self.to_q(x), *kv)
         if context is None and not torch.is_grad_enabled() and torch.compiler.is_compiling():

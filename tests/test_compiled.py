@@ -61,8 +61,64 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
         got = _draw(fast)
     assert torch.equal(got, want)
     assert not fast.compiled and fast.fallback_reason == "RuntimeError: no C++ toolchain"
-    assert len(calls) == 1  # tried once, then eager
-    assert "running it eagerly" in caplog.text
+    assert len(calls) == 2  # tried with the C++ wrapper, once more without, then eager
+    assert "compiling again without it" in caplog.text and "running it eagerly" in caplog.text
+
+
+def test_a_cpp_wrapper_failure_compiles_again_without_it(monkeypatch, caplog):
+    """Only the C++ wrapper fails: the prior stays compiled (freezing kept), one warning."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    seen = []
+
+    def inductor():
+        pass
+
+    def picky_compile(model, **kwargs):
+        def run(*args, **kw):
+            seen.append((inductor_config.cpp_wrapper, inductor_config.freezing))
+            if inductor_config.cpp_wrapper:
+                raise BackendCompilerFailed(inductor, RuntimeError("cpp_wrapper: no"), None)
+            return model(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", picky_compile)
+    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
+    prior = _prior()
+    want = _draw(prior)
+    fast = compile_prior(prior)
+    with caplog.at_level(logging.WARNING, logger=compiled_mod.__name__):
+        got = _draw(fast)
+    assert torch.equal(got, want)
+    assert fast.compiled and not fast.cpp_wrapper
+    assert seen[:2] == [(True, True), (False, True)] and set(seen[2:]) == {(False, True)}
+    assert "compiling again without it" in caplog.text and "eagerly" not in caplog.text
+
+
+@pytest.mark.skipif(compiled_mod.cpu_compiler() is None, reason="no C++ compiler on this machine")
+def test_compiled_prior_with_early_stop_recompiles_for_the_smaller_batch():
+    """Early stop drops converged samples from the batch: the compiled prior (C++ wrapper on)
+    compiles again for the smaller batch and still gives the eager tokens."""
+    prior = _prior()
+    with torch.no_grad():  # logits that favour token 0: samples converge at different steps
+        prior.to_logits.weight.mul_(0.1)
+        prior.to_logits.bias.zero_()
+        prior.to_logits.bias[0] = 7.0
+    batches = []
+    prior.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
+
+    def draw(model):
+        return sample(model, batch_size=3, steps=40, temperature=1.0, update_proportion=1.0,
+                      early_stop=True, min_steps=1, cfg_scale=1.0,
+                      generator=torch.Generator().manual_seed(5))
+
+    want = draw(prior)
+    assert len(set(batches)) > 1, batches  # the batch did shrink
+    fast = compile_prior(prior)
+    got = draw(fast)
+    assert fast.compiled and fast.cpp_wrapper, fast.fallback_reason
+    assert torch.equal(got, want)
 
 
 def test_model_errors_are_not_swallowed(monkeypatch):
@@ -122,9 +178,9 @@ def test_prior_forward_is_one_graph(num_classes):
     assert torch.equal(got, want)
 
 
-def test_inductor_options_apply_only_while_compiling():
-    """freezing (prepacked CPU matmuls) and, on CPUs, the C++ wrapper are set for the compiled
-    call and restored afterwards, so other compiles in the process keep their settings."""
+def test_inductor_options_are_restored_after_the_call():
+    """freezing (prepacked CPU matmuls) and, on CPUs, the C++ wrapper are set around the
+    compiled call and restored afterwards, so other compiles in the process keep theirs."""
     import torch._inductor.config as inductor_config
 
     before = (inductor_config.freezing, inductor_config.cpp_wrapper)
@@ -135,5 +191,9 @@ def test_inductor_options_apply_only_while_compiling():
     with compiled_mod._inductor_options(False, False):
         assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
     assert (inductor_config.freezing, inductor_config.cpp_wrapper) == before
-    prior = SundaePrior(PriorConfig.preset("tiny")).eval()
-    assert compile_prior(prior)._cpu is True
+
+def test_the_cpp_wrapper_is_used_on_cpus_only(monkeypatch):
+    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    assert compile_prior(_prior()).cpp_wrapper is True
+    assert compiled_mod.CompiledPrior(_prior().to("meta"), None).cpp_wrapper is False
