@@ -161,3 +161,12 @@ def test_fused_qkv_projection_equals_the_separate_ones(monkeypatch):
     with torch.enable_grad():  # training keeps the two projections (their own gradients)
         attn(x, rot_q=tables, rot_k=tables)
     assert len(ran) == 2
+
+
+def test_window_attention_runs_on_devices_without_autocast():
+    """torch.autocast(device, enabled=False) raises on devices that have no autocast (DirectML,
+    MPS before torch 2.5, meta): there window_attention must not enter it. The meta device
+    stands in for them here."""
+    q, k, v, mask = (t.to("meta") for t in _qkv_mask())
+    out = window_attention(q, k, v, mask)
+    assert out.device.type == "meta" and out.shape == q.shape
