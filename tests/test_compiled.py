@@ -38,21 +38,21 @@ def test_compiled_prior_samples_the_eager_tokens():
     assert torch.equal(got, want)
 
 
-def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+def _compile_failure(message: str) -> Exception:
+    """What torch.compile raises when the backend fails (the backend named in it: inductor)."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    calls = []
-
-    def inductor():  # the backend named in the error
+    def inductor():
         pass
 
-    def broken_compile(model, **kwargs):
-        def run(*args, **kw):
-            calls.append(1)
-            raise BackendCompilerFailed(inductor, RuntimeError("no C++ toolchain"), None)
-        return run
+    return BackendCompilerFailed(inductor, RuntimeError(message), None)
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+
+def _compile_with(monkeypatch, caplog, fake_run):
+    """compile_prior through a stand-in torch.compile whose compiled call is
+    ``fake_run(model, *args)``; checks it samples the eager tokens, returns the compiled prior."""
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: lambda *args, **k: fake_run(model, *args, **k))
     monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
     prior = _prior()
     want = _draw(prior)
@@ -60,6 +60,17 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger=compiled_mod.__name__):
         got = _draw(fast)
     assert torch.equal(got, want)
+    return fast
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    calls = []
+
+    def broken(model, *args, **kw):
+        calls.append(1)
+        raise _compile_failure("no C++ toolchain")
+
+    fast = _compile_with(monkeypatch, caplog, broken)
     assert not fast.compiled and fast.fallback_reason == "RuntimeError: no C++ toolchain"
     assert len(calls) == 2  # tried with the C++ wrapper, once more without, then eager
     assert "compiling again without it" in caplog.text and "running it eagerly" in caplog.text
@@ -68,29 +79,16 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
 def test_a_cpp_wrapper_failure_compiles_again_without_it(monkeypatch, caplog):
     """Only the C++ wrapper fails: the prior stays compiled (freezing kept), one warning."""
     import torch._inductor.config as inductor_config
-    from torch._dynamo.exc import BackendCompilerFailed
 
     seen = []
 
-    def inductor():
-        pass
+    def picky(model, *args, **kw):
+        seen.append((inductor_config.cpp_wrapper, inductor_config.freezing))
+        if inductor_config.cpp_wrapper:
+            raise _compile_failure("cpp_wrapper: no")
+        return model(*args, **kw)
 
-    def picky_compile(model, **kwargs):
-        def run(*args, **kw):
-            seen.append((inductor_config.cpp_wrapper, inductor_config.freezing))
-            if inductor_config.cpp_wrapper:
-                raise BackendCompilerFailed(inductor, RuntimeError("cpp_wrapper: no"), None)
-            return model(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", picky_compile)
-    monkeypatch.setattr(compiled_mod, "cpu_compiler", lambda: "/usr/bin/c++")
-    prior = _prior()
-    want = _draw(prior)
-    fast = compile_prior(prior)
-    with caplog.at_level(logging.WARNING, logger=compiled_mod.__name__):
-        got = _draw(fast)
-    assert torch.equal(got, want)
+    fast = _compile_with(monkeypatch, caplog, picky)
     assert fast.compiled and not fast.cpp_wrapper
     assert seen[:2] == [(True, True), (False, True)] and set(seen[2:]) == {(False, True)}
     assert "compiling again without it" in caplog.text and "eagerly" not in caplog.text
