@@ -80,8 +80,9 @@ def _inductor_options(freezing: bool, cpp_wrapper: bool) -> contextlib.AbstractC
       eager 0.159 / 0.033).
     - ``cpp_wrapper`` on CPUs: the compiled graph calls its kernels from generated C++ instead of
       Python, which saves the per-kernel call overhead of a forward made of many small kernels
-      (small preset, batch 4, bf16, same machine, alternating in one process: 20.7 vs 22.2 ms
-      fastest, 27.4 vs 30.1 ms p25, for ~10 s more compile time; benchmarks/RESULTS.md). If
+      (small preset forward, batch 4, bf16, same machine, alternating in one process: 20.7 vs
+      22.2 ms fastest, 27.4 vs 30.1 ms p25; 20-step sampling 1.03× at p25, within what an A/A run
+      of the same code shows there; ~10 s more compile time; benchmarks/RESULTS.md). If
       compiling with it fails, ``CompiledPrior`` compiles once more without it."""
     import torch._inductor.config as inductor_config
 
