@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -37,14 +38,20 @@ COMFY_NAMES = {
 ADAPTER = REPO / "nodes" / "comfy_adapter.py"
 ADAPTER_ALLOWED = {"folder_paths", "comfy"}
 
-EXPECTED_NODES = {  # docs/design.md "ComfyUI nodes": ids are permanent
-    "SundaeLoadVQGAN": "Load VQ-GAN",
-    "SundaeLoadPrior": "Load SUNDAE Prior",
-    "SundaeEncode": "VQ-GAN Encode",
-    "SundaeLatentMask": "Latent Mask",
-    "SundaeSampler": "SUNDAE Sampler",
-    "SundaeDecode": "VQ-GAN Decode",
-}
+
+
+def design_nodes() -> dict[str, str]:
+    """Node id -> display name as docs/design.md "ComfyUI nodes" states them: the contract the
+    package must keep (saved workflows refer to the ids)."""
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    section = text.split("## ComfyUI nodes", 1)[1].split("\n## ", 1)[0]
+    pairs = dict(re.findall(r"`(Sundae\w+)`\s+\(([^)]+)\)", section))
+    if len(pairs) != 6:
+        raise AssertionError(f"docs/design.md 'ComfyUI nodes' should name 6 nodes, found {pairs}")
+    return pairs
+
+
+EXPECTED_NODES = design_nodes()
 
 
 def package_files() -> list[Path]:
