@@ -3,7 +3,9 @@
 What it buys (measured by ``benchmarks/vs_official.py --compile``, numbers in
 ``benchmarks/RESULTS.md``): inductor fuses the layer norms, GELU, rotary and residual adds into
 few kernels and, with *freezing*, treats the weights as constants so the CPU matmuls run on
-prepacked oneDNN weights; on CPUs the graph calls its kernels from generated C++
+prepacked oneDNN weights (and the rotary tables the prior keeps for its trained grid,
+``layers.FixedRotary``, as constants the kernels load instead of evaluating cos and sin for
+every element of q and k); on CPUs the graph calls its kernels from generated C++
 (inductor's ``cpp_wrapper``), not Python. On small priors, where a forward is many small kernels, that is the
 larger share; on big ones the matmuls dominate and the gain is smaller. What it costs: a compile
 of tens of seconds on a 2-core CPU per new input shape (the first call; with early stop the

@@ -135,6 +135,56 @@ class Rotary2D:
         return self.tables(pos_y, pos_x)
 
 
+# largest table (positions × dim_head) ``FixedRotary`` keeps for a Stack's trained grid: 4 MiB
+# per fp32 table, enough for 128×128 tokens at dim_head 64; larger grids compute per forward
+FIXED_TABLE_MAX = 1 << 20
+
+
+class FixedRotary(nn.Module):
+    """The cos/sin tables of a fixed set of points, computed once and kept as buffers.
+
+    A table depends only on the positions, so recomputing it every forward is waste; under
+    ``torch.compile`` it is worse: inductor fuses the table's ``cos``/``sin`` into the kernels
+    that rotate q and k and evaluates them for every element of q and k (batch × heads times
+    over), where buffers become constants that the kernels just load (and that inductor's
+    freezing folds).
+
+    The buffers are non-persistent (nothing in the state dict: checkpoints are unchanged) and
+    always float32 and exact: after every ``.to()`` / ``.cuda()`` / ``.half()`` / ``.bfloat16()``
+    they are recomputed in float32 on the module's new device (a cast to bf16 and back must not
+    round them), by the same code as an uncached table, so both are equal to the bit."""
+
+    def __init__(self, rotary: Rotary2D, pos_y, pos_x) -> None:
+        super().__init__()
+        self.rotary = rotary
+        # Python floats (multiples of 1/2 here: exact in float32)
+        self.positions = ([float(v) for v in pos_y], [float(v) for v in pos_x])
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._fill(torch.empty(0).device)  # the default device (torch.device(...) contexts)
+
+    def _fill(self, device: torch.device) -> None:
+        pos_y, pos_x = (torch.tensor(p, dtype=torch.float32, device=device) for p in self.positions)
+        self.cos, self.sin = self.rotary.tables(pos_y, pos_x)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._fill(self.cos.device)
+        return self
+
+    def forward(self) -> RotaryTables:
+        return self.cos, self.sin
+
+
+def grid_position_list(h: int, w: int, *, stride: int) -> tuple[list[float], list[float]]:
+    """``grid_positions`` as Python floats (no tensors: also right while a model is built on the
+    meta device); the values are multiples of 1/2, exact in float32, so tables made from them
+    equal ``grid_positions``' to the bit."""
+    centre = (stride - 1) / 2
+    return ([i * stride + centre for i in range(h) for _ in range(w)],
+            [j * stride + centre for _ in range(h) for j in range(w)])
+
+
 def grid_positions(h: int, w: int, *, stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-resolution centres of an ``h × w`` grid at level stride ``stride``: two ``[h·w]``
     float tensors (rows, columns) in raster order."""
@@ -305,17 +355,28 @@ class Stack(nn.Module):
     forward: x [b, h, w, d] -> [b, h, w, d]; depth 0 is the identity.
     """
 
-    def __init__(self, depth: int, *, stride: int, rotary: Rotary2D, **block_kwargs) -> None:
+    def __init__(self, depth: int, *, stride: int, rotary: Rotary2D,
+                 size: tuple[int, int] | None = None, **block_kwargs) -> None:
+        """``size``: the ``(h, w)`` this level sees at the prior's trained grid; its rotary
+        table is kept (``FixedRotary``), other sizes compute theirs per forward."""
         super().__init__()
         self.stride = stride
         self.rotary = rotary
         self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(depth))
+        self.size = None
+        self.table = None
+        if depth and size is not None and size[0] * size[1] * rotary.dim_head <= FIXED_TABLE_MAX:
+            self.size = (int(size[0]), int(size[1]))
+            self.table = FixedRotary(rotary, *grid_position_list(*self.size, stride=stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.layers) == 0:
             return x
         _, h, w, _ = x.shape
-        rot = self.rotary.grid(h, w, stride=self.stride, device=x.device)
+        if self.table is not None and (h, w) == self.size:
+            rot = self.table()
+        else:
+            rot = self.rotary.grid(h, w, stride=self.stride, device=x.device)
         x = rearrange(x, "b h w d -> b (h w) d")
         for layer in self.layers:
             check_interrupt()
@@ -344,6 +405,10 @@ class _ResampleBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout)
         self.drop = nn.Dropout(dropout)
+        # window-local positions (RoPE is relative): the s×s fine tokens of a patch at s1·S
+        # (ResampleDown's keys, ResampleUp's queries), the other side's table in the subclass
+        fy, fx = grid_position_list(factor, factor, stride=1)
+        self.rot_fine = FixedRotary(rotary, [y * stride for y in fy], [x * stride for x in fx])
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop(self.ff(self.ff_norm(x)))
@@ -358,18 +423,20 @@ class ResampleDown(_ResampleBlock):
     Fine tokens that are only padding (grid not divisible by s) are masked out.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        centre = (self.factor - 1) / 2 * self.stride  # the query, at the patch centre
+        self.rot_centre = FixedRotary(self.rotary, [centre], [centre])
+
     def patch_attention(self, coarse: torch.Tensor, fine: torch.Tensor, size: tuple[int, int]):
         """The attention term alone: coarse [b, hc, wc, d], fine [b, hc·s, wc·s, d] (padded),
         ``size`` = real (h, w) of the fine grid. Returns [b, hc, wc, d]."""
-        s, st = self.factor, self.stride
+        s = self.factor
         b, hc, wc, _ = coarse.shape
         q = rearrange(self.norm_q(coarse), "b hc wc d -> (b hc wc) 1 d")
         kv = rearrange(self.norm_kv(fine), "b (hc s1) (wc s2) d -> (b hc wc) (s1 s2) d", s1=s, s2=s)
         # window-local positions (RoPE is relative): keys at s1·S, query at the patch centre
-        ky, kx = grid_positions(s, s, stride=1, device=coarse.device)
-        centre = torch.full((1,), (s - 1) / 2 * st, device=coarse.device)
-        rot_k = self.rotary.tables(ky * st, kx * st)
-        rot_q = self.rotary.tables(centre, centre)
+        rot_k, rot_q = self.rot_fine(), self.rot_centre()
         mask = None
         h, w = size
         if h != hc * s or w != wc * s:  # some patches hold padding: hide it
@@ -398,10 +465,19 @@ class ResampleUp(_ResampleBlock):
     which keeps the attention a batched ``(b hc wc)``-group call with no gather.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # the keys: neighbour centres at (dy·s + (s-1)/2)·S, in the order of neighbour_attention's
+        # offsets (dy outer, dx inner, each -1, 0, 1)
+        s, st, centre = self.factor, self.stride, (self.factor - 1) / 2
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        self.rot_neighbours = FixedRotary(self.rotary, [(dy * s + centre) * st for dy, _ in offsets],
+                                          [(dx * s + centre) * st for _, dx in offsets])
+
     def neighbour_attention(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """The attention term alone: fine [b, hc·s, wc·s, d] queries, coarse [b, hc, wc, d]
         context. Returns [b, hc·s, wc·s, d]."""
-        s, st = self.factor, self.stride
+        s = self.factor
         b, hc, wc, _ = coarse.shape
         q = rearrange(self.norm_q(fine), "b (hc s1) (wc s2) d -> (b hc wc) (s1 s2) d", s1=s, s2=s)
         # keys and values of every coarse token, projected once (not once per window it is in:
@@ -425,11 +501,7 @@ class ResampleUp(_ResampleBlock):
         valid = valid_r[:, None, :] & valid_c[None, :, :]  # [hc, wc, 9]: neighbour inside grid
         mask = repeat(valid, "hc wc k -> (b hc wc) 1 1 k", b=b)
         # window-local positions: fine tokens at s1·S; neighbour centres at (dy·s + (s-1)/2)·S
-        qy, qx = grid_positions(s, s, stride=1, device=dev)
-        rot_q = self.rotary.tables(qy * st, qx * st)
-        centre = (s - 1) / 2
-        off = off.float()
-        rot_k = self.rotary.tables((off[:, 0] * s + centre) * st, (off[:, 1] * s + centre) * st)
+        rot_q, rot_k = self.rot_fine(), self.rot_neighbours()
         out = self.attn(q, kv=(k, v), rot_q=rot_q, rot_k=rot_k, mask=mask)
         return rearrange(out, "(b hc wc) (s1 s2) d -> b (hc s1) (wc s2) d", b=b, hc=hc, wc=wc,
                          s1=s, s2=s)

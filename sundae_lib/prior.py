@@ -294,14 +294,18 @@ class Hourglass(nn.Module):
     """One shortening level: ``pre`` blocks, s×s space-to-depth, inner level, depth-to-space,
     U-Net skip, ``post`` blocks. forward: x [b, h, w, d] -> [b, h, w, d], any h, w >= 1."""
 
-    def __init__(self, depth: tuple, *, stride: int, config: PriorConfig, rotary: Rotary2D):
+    def __init__(self, depth: tuple, *, stride: int, config: PriorConfig, rotary: Rotary2D,
+                 size: tuple[int, int]):
+        """``size``: this level's ``(h, w)`` at the trained grid (the Stacks keep its rotary
+        tables; any other size still runs)."""
         super().__init__()
         pre, inner, post = depth
         s, d = config.shorten_factor, config.dim
         block = dict(dim=d, heads=config.heads, dim_head=config.head_dim,
                      ff_mult=config.ff_mult, dropout=config.dropout)
         self.factor = s
-        self.pre = Stack(pre, stride=stride, rotary=rotary, **block)
+        coarse_size = (-(-size[0] // s), -(-size[1] // s))
+        self.pre = Stack(pre, stride=stride, rotary=rotary, size=size, **block)
         # feature order (d s1 s2) = channel-major, as the official (channel, dy, dx)
         self.down = nn.Linear(s * s * d, d)
         self.up = nn.Linear(d, s * s * d)
@@ -312,10 +316,11 @@ class Hourglass(nn.Module):
         else:
             self.resample_down = self.resample_up = None
         if isinstance(inner, tuple):
-            self.valley = Hourglass(inner, stride=stride * s, config=config, rotary=rotary)
+            self.valley = Hourglass(inner, stride=stride * s, config=config, rotary=rotary,
+                                    size=coarse_size)
         else:
-            self.valley = Stack(inner, stride=stride * s, rotary=rotary, **block)
-        self.post = Stack(post, stride=stride, rotary=rotary, **block)
+            self.valley = Stack(inner, stride=stride * s, rotary=rotary, size=coarse_size, **block)
+        self.post = Stack(post, stride=stride, rotary=rotary, size=size, **block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.factor
@@ -376,11 +381,12 @@ class SundaePrior(nn.Module):
         else:
             self.class_emb = None
         if isinstance(config.depth, int):
-            self.body = Stack(config.depth, stride=1, rotary=rotary, dim=d, heads=config.heads,
-                              dim_head=config.head_dim, ff_mult=config.ff_mult,
-                              dropout=config.dropout)
+            self.body = Stack(config.depth, stride=1, rotary=rotary, size=config.grid, dim=d,
+                              heads=config.heads, dim_head=config.head_dim,
+                              ff_mult=config.ff_mult, dropout=config.dropout)
         else:
-            self.body = Hourglass(config.depth, stride=1, config=config, rotary=rotary)
+            self.body = Hourglass(config.depth, stride=1, config=config, rotary=rotary,
+                                  size=config.grid)
         self.norm_out = nn.LayerNorm(d)
         self.to_logits = nn.Linear(d, config.codebook_size)
         scaled_init_(self, num_blocks=config.num_blocks + _count_resampling(config.depth))
