@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -110,22 +111,44 @@ def _official(case: dict):
     return model, run
 
 
+def _import_ours():
+    """This checkout's ``sundae_lib``: the installed package when it is this checkout (``pip
+    install -e .``), else through a ``comfyui_sundae`` link to this checkout in a temporary folder
+    (so the official venv, which does not have the package, can run both sides in one process)."""
+    try:
+        from comfyui_sundae import sundae_lib
+
+        if Path(sundae_lib.__file__).resolve().parent.parent == HERE.parent:
+            return sundae_lib
+    except ImportError:
+        pass
+    import atexit
+    import shutil
+    import tempfile
+
+    for name in [m for m in sys.modules if m == "comfyui_sundae" or m.startswith("comfyui_sundae.")]:
+        del sys.modules[name]  # another copy was imported above: use this checkout's
+    root = Path(tempfile.mkdtemp(prefix="vs_official_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    (root / "comfyui_sundae").symlink_to(HERE.parent, target_is_directory=True)
+    sys.path.insert(0, str(root))
+    try:
+        from comfyui_sundae import sundae_lib
+    except ImportError as exc:
+        raise SystemExit(f"cannot import this checkout's sundae_lib ({exc}); install the "
+                         "repository (pip install -e .) in this interpreter") from exc
+    return sundae_lib
+
+
 def _ours(case: dict, compiled: bool):
     import torch
 
-    sys.path.insert(0, str(HERE.parent.parent))
-    try:
-        from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior, sample
-    except ImportError as exc:
-        raise SystemExit(f"cannot import comfyui_sundae ({exc}); run from a venv where the "
-                         "repository is installed (pip install -e .)") from exc
+    lib = _import_ours()
     _, preset, side = CONFIGS[case["config"]]
-    model = SundaePrior(PriorConfig.preset(preset)).eval().to(getattr(torch, case["dtype"]))
+    model = lib.SundaePrior(lib.PriorConfig.preset(preset)).eval().to(getattr(torch, case["dtype"]))
     b = case["batch"]
     if compiled:
-        from comfyui_sundae.sundae_lib import compile_prior
-
-        net = compile_prior(model)  # what users get: inductor with frozen, prepacked weights
+        net = lib.compile_prior(model)  # what users get: inductor with frozen, prepacked weights
     else:
         net = model
     if case["mode"] == "forward":
@@ -136,7 +159,7 @@ def _ours(case: dict, compiled: bool):
                 net(tokens, None, validate=False)
     else:
         def run():
-            sample(net, batch_size=b, steps=SAMPLE["steps"],
+            lib.sample(net, batch_size=b, steps=SAMPLE["steps"],
                    temperature=(SAMPLE["t_start"], SAMPLE["t_end"]), update_proportion=1.0,
                    early_stop=False, min_steps=0, cfg_scale=1.0, labels=None,
                    generator=torch.Generator().manual_seed(0))
@@ -154,6 +177,98 @@ def worker(side: str, case: dict, reps: int, threads: int | None) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps(dict(seconds=seconds, warmup=warm, params=params,
                           threads=torch.get_num_threads(), torch=torch.__version__)))
+
+
+def worker_together(case: dict, rounds: int, threads: int | None, compiled: bool) -> None:
+    """Every side in this one process, called in turn, one call each per round (the order
+    rotates every round): a phase in which the machine runs slow or fast (this VM's matmul rate
+    swings between ~800 and ~3,000 GFLOP/s within seconds) hits every side's calls of that
+    round alike, so ratios of calls from the same round are comparable."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sides = {}
+    torch.manual_seed(0)
+    sides["official"] = _official(case)
+    torch.manual_seed(0)
+    sides["ours"] = _ours(case, False)
+    if compiled:
+        torch.manual_seed(0)
+        sides["ours+compile"] = _ours(case, True)
+    warm = {}
+    for name, (_, run) in sides.items():
+        t0 = time.perf_counter()
+        run()
+        warm[name] = time.perf_counter() - t0
+        run()  # a second untimed call: the compiled side may specialise once more
+    names = list(sides)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sides[name][1]()
+            seconds[name].append(time.perf_counter() - t0)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, (m, _) in sides.items()}
+    print(json.dumps(dict(seconds=seconds, warmup=warm, params=params,
+                          threads=torch.get_num_threads(), torch=torch.__version__)))
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_together(python: str, case: dict, args) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", "together", "--case",
+           json.dumps(case), "--rounds", str(args.rounds)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.compile:
+        cmd.append("--compile")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"same-process worker failed for {case}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main_together(cases, args, official_python: str, peaks: dict) -> None:
+    """``--same-process``: one worker per case and dtype runs all sides in turn (see
+    ``worker_together``); prints the fastest call and the 25th percentile of each side, and the
+    median over rounds of official / ours within a round (the paired ratio)."""
+    header = ("| case | dtype | rounds | official s (min / p25) | ours s (min / p25) | official / "
+              "ours (p25; paired median) |"
+              + (" ours+compile s (min / p25) | official / ours+compile (p25; paired median) | "
+                 "first call s |" if args.compile else "")
+              + " ours best p25 GFLOP/s (% of peak) |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for config, mode, batch in cases:
+        gflop = forward_gflop(config, batch) if mode == "forward" else None
+        for dtype in args.dtypes.split(","):
+            case = dict(config=config, mode=mode, batch=batch, dtype=dtype)
+            got = run_together(official_python, case, args)
+            params, secs = got["params"], got["seconds"]
+            if abs(params["ours"] - params["official"]) > 0.01 * params["official"]:
+                raise SystemExit(f"{config}: parameter counts differ by more than 1%: {params}")
+            off = secs["official"]
+            cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
+                     .replace("float32", "fp32"), str(len(off)),
+                     f"{min(off):.3f} / {_quantile(off, 0.25):.3f}"]
+            p25 = {}
+            for side in [s for s in ("ours", "ours+compile") if s in secs]:
+                mine = secs[side]
+                p25[side] = _quantile(mine, 0.25)
+                paired = statistics.median(o / m for o, m in zip(off, mine))
+                cells += [f"{min(mine):.3f} / {p25[side]:.3f}",
+                          f"**{_quantile(off, 0.25) / p25[side]:.2f}×**; {paired:.2f}×"]
+                if side == "ours+compile":
+                    cells.append(f"{got['warmup'][side]:.0f}")
+            best = min(p25.values())
+            cells.append(f"{gflop / best:,.0f} ({100 * gflop / best / peaks[dtype]:.0f}%)"
+                         if gflop else "-")
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"# parameters: official {params['official']:,}, ours {params['ours']:,} (last case)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,17 +308,18 @@ def peak_gflops(dtype_name: str, threads: int | None) -> float:
 
 def forward_gflop(config: str, batch: int) -> float:
     """Our forward's FLOPs (matmuls by FlopCounterMode, attention analytically)."""
+    lib = _import_ours()
     from bench_prior import forward_flops
-    from comfyui_sundae.sundae_lib import PriorConfig, SundaePrior
 
     _, preset, side = CONFIGS[config]
-    model = SundaePrior(PriorConfig.preset(preset)).eval()
+    model = lib.SundaePrior(lib.PriorConfig.preset(preset)).eval()
     return forward_flops(model, (side, side), batch) / 1e9
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--worker", choices=["official", "ours", "ours+compile"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["official", "ours", "ours+compile", "together"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
@@ -213,7 +329,12 @@ def main(argv=None) -> None:
                    help="config:mode:batch,... (modes: forward, sample20)")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--peak-only", action="store_true", help="only measure the matmul peaks")
+    p.add_argument("--same-process", action="store_true",
+                   help="all sides in one process (the official venv's interpreter), one call "
+                        "each in turn per round; --rounds is then the number of calls per side")
     args = p.parse_args(argv)
+    if args.worker == "together":
+        return worker_together(json.loads(args.case), args.rounds, args.threads, args.compile)
     if args.worker:
         return worker(args.worker, json.loads(args.case), args.reps, args.threads)
 
@@ -233,6 +354,8 @@ def main(argv=None) -> None:
     print("# matmul peak: " + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peaks.items()))
     if args.peak_only:
         return
+    if args.same_process:
+        return main_together(cases, args, official_python, peaks)
     header = ("| case | dtype | official s | ours s | official / ours |"
               + (" ours+compile s | official / ours+compile | first call s (cold/cached) |" if args.compile else "")
               + " GFLOP | ours % of peak |")
