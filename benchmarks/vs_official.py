@@ -27,7 +27,20 @@ Setup, once (the official code is never committed to this repository):
 Run alone on the machine (no other heavy processes; two cores are little), from the repository:
 
     SUNDAE_OFFICIAL_REPO=~/sundae-vqgan SUNDAE_OFFICIAL_PYTHON=~/official-venv/bin/python \
-        python benchmarks/vs_official.py --threads 2 --rounds 3
+        python benchmarks/vs_official.py --threads 2 --rounds 20 --same-process --compile
+
+``--same-process`` (the steadier reading, used for the figures since 2026-12-05 17:00 UTC) runs
+all sides in one process of the official venv (this checkout's ``sundae_lib`` is imported
+through a link), one call of each in turn per round, and prints each side's fastest call and
+25th percentile, the ratio of the p25s and the median of the per-round ratios (a slow or fast
+phase of the machine hits the calls of one round alike). Without it every measurement is a
+fresh worker process per side, ``--reps`` calls each, and the table shows the fastest call of
+all rounds: comparable only when the machine's speed is steady.
+
+An AVX2 machine can be approximated on an AVX-512 CPU by restricting the libraries (prefix the
+command with ``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``:
+MKL's fp32 GEMM, oneDNN and ATen's and inductor's vector code); it is still that CPU's caches
+and clocks, so label such numbers as restricted, not as an AVX2 CPU's.
 
 ``SUNDAE_OFFICIAL_PYTHON`` defaults to this interpreter (then it needs the packages above).
 Prints the CPU model, its bf16/AMX flags, torch version and threads beside the numbers.
@@ -259,7 +272,7 @@ def main_together(cases, args, official_python: str, peaks: dict) -> None:
             for side in [s for s in ("ours", "ours+compile") if s in secs]:
                 mine = secs[side]
                 p25[side] = _quantile(mine, 0.25)
-                paired = statistics.median(o / m for o, m in zip(off, mine))
+                paired = statistics.median(o / m for o, m in zip(off, mine, strict=True))
                 cells += [f"{min(mine):.3f} / {p25[side]:.3f}",
                           f"**{_quantile(off, 0.25) / p25[side]:.2f}×**; {paired:.2f}×"]
                 if side == "ours+compile":
@@ -347,9 +360,10 @@ def main(argv=None) -> None:
     sides = ["official", "ours"] + (["ours+compile"] if args.compile else [])
     import torch
 
+    how = (f"one process, {args.rounds} rounds of one call per side" if args.same_process
+           else f"{args.rounds} alternating rounds × {args.reps} timed calls per worker")
     print(f"# {cpu_description()}; torch {torch.__version__}; threads "
-          f"{args.threads or torch.get_num_threads()}; {args.rounds} alternating rounds × "
-          f"{args.reps} timed calls per worker")
+          f"{args.threads or torch.get_num_threads()}; {how}")
     peaks = {d: peak_gflops(d, args.threads) for d in args.dtypes.split(",")}
     print("# matmul peak: " + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peaks.items()))
     if args.peak_only:

@@ -39,12 +39,13 @@ def test_kept_tables_equal_the_tables_computed_per_forward():
     # the fine level (7 × 6 tokens, pre and post) and two coarser ones: 4 × 3, then 2 × 2
     assert sorted({(s.size, s.stride) for s in stacks}) == [((2, 2), 4), ((4, 3), 2), ((7, 6), 1)]
     for st in stacks:
-        for got, want in zip(st.table(), st.rotary.grid(*st.size, stride=st.stride, device="cpu")):
+        for got, want in zip(st.table(), st.rotary.grid(*st.size, stride=st.stride, device="cpu"),
+                             strict=True):
             assert got.dtype == torch.float32 and torch.equal(got, want)
     for block in [mod for mod in m.modules() if isinstance(mod, ResampleDown | ResampleUp)]:
         s, stride, rot = block.factor, block.stride, block.rotary
         ky, kx = grid_positions(s, s, stride=1)
-        for got, want in zip(block.rot_fine(), rot.tables(ky * stride, kx * stride)):
+        for got, want in zip(block.rot_fine(), rot.tables(ky * stride, kx * stride), strict=True):
             assert torch.equal(got, want)
         if isinstance(block, ResampleDown):
             centre = torch.full((1,), (s - 1) / 2 * stride)
@@ -55,7 +56,7 @@ def test_kept_tables_equal_the_tables_computed_per_forward():
             c = (s - 1) / 2
             want_other = rot.tables((off[:, 0] * s + c) * stride, (off[:, 1] * s + c) * stride)
             got_other = block.rot_neighbours()
-        for got, want in zip(got_other, want_other):
+        for got, want in zip(got_other, want_other, strict=True):
             assert torch.equal(got, want)
 
 
