@@ -245,6 +245,23 @@ def run_together(python: str, case: dict, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _table_cases(cases, dtypes: str, header: str):
+    """Print the table header; yield ``(config, mode, batch, dtype, case, gflop)`` per row
+    (``gflop`` of one forward for forward cases, else None)."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for config, mode, batch in cases:
+        gflop = forward_gflop(config, batch) if mode == "forward" else None
+        for dtype in dtypes.split(","):
+            yield config, mode, batch, dtype, dict(config=config, mode=mode, batch=batch,
+                                                   dtype=dtype), gflop
+
+
+def _check_params(config: str, params: dict) -> None:
+    if abs(params["ours"] - params["official"]) > 0.01 * params["official"]:
+        raise SystemExit(f"{config}: parameter counts differ by more than 1%: {params}")
+
+
 def main_together(cases, args, official_python: str, peaks: dict) -> None:
     """``--same-process``: one worker per case and dtype runs all sides in turn (see
     ``worker_together``); prints the fastest call and the 25th percentile of each side, and the
@@ -254,33 +271,27 @@ def main_together(cases, args, official_python: str, peaks: dict) -> None:
               + (" ours+compile s (min / p25) | official / ours+compile (p25; paired median) | "
                  "first call s |" if args.compile else "")
               + " ours best p25 GFLOP/s (% of peak) |")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for config, mode, batch in cases:
-        gflop = forward_gflop(config, batch) if mode == "forward" else None
-        for dtype in args.dtypes.split(","):
-            case = dict(config=config, mode=mode, batch=batch, dtype=dtype)
-            got = run_together(official_python, case, args)
-            params, secs = got["params"], got["seconds"]
-            if abs(params["ours"] - params["official"]) > 0.01 * params["official"]:
-                raise SystemExit(f"{config}: parameter counts differ by more than 1%: {params}")
-            off = secs["official"]
-            cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
-                     .replace("float32", "fp32"), str(len(off)),
-                     f"{min(off):.3f} / {_quantile(off, 0.25):.3f}"]
-            p25 = {}
-            for side in [s for s in ("ours", "ours+compile") if s in secs]:
-                mine = secs[side]
-                p25[side] = _quantile(mine, 0.25)
-                paired = statistics.median(o / m for o, m in zip(off, mine, strict=True))
-                cells += [f"{min(mine):.3f} / {p25[side]:.3f}",
-                          f"**{_quantile(off, 0.25) / p25[side]:.2f}×**; {paired:.2f}×"]
-                if side == "ours+compile":
-                    cells.append(f"{got['warmup'][side]:.0f}")
-            best = min(p25.values())
-            cells.append(f"{gflop / best:,.0f} ({100 * gflop / best / peaks[dtype]:.0f}%)"
-                         if gflop else "-")
-            print("| " + " | ".join(cells) + " |", flush=True)
+    for config, mode, batch, dtype, case, gflop in _table_cases(cases, args.dtypes, header):
+        got = run_together(official_python, case, args)
+        params, secs = got["params"], got["seconds"]
+        _check_params(config, params)
+        off = secs["official"]
+        cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
+                 .replace("float32", "fp32"), str(len(off)),
+                 f"{min(off):.3f} / {_quantile(off, 0.25):.3f}"]
+        p25 = {}
+        for side in [s for s in ("ours", "ours+compile") if s in secs]:
+            mine = secs[side]
+            p25[side] = _quantile(mine, 0.25)
+            paired = statistics.median(o / m for o, m in zip(off, mine, strict=True))
+            cells += [f"{min(mine):.3f} / {p25[side]:.3f}",
+                      f"**{_quantile(off, 0.25) / p25[side]:.2f}×**; {paired:.2f}×"]
+            if side == "ours+compile":
+                cells.append(f"{got['warmup'][side]:.0f}")
+        best = min(p25.values())
+        cells.append(f"{gflop / best:,.0f} ({100 * gflop / best / peaks[dtype]:.0f}%)"
+                     if gflop else "-")
+        print("| " + " | ".join(cells) + " |", flush=True)
     print(f"# parameters: official {params['official']:,}, ours {params['ours']:,} (last case)")
 
 
@@ -373,36 +384,30 @@ def main(argv=None) -> None:
     header = ("| case | dtype | official s | ours s | official / ours |"
               + (" ours+compile s | official / ours+compile | first call s (cold/cached) |" if args.compile else "")
               + " GFLOP | ours % of peak |")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for config, mode, batch in cases:
-        gflop = forward_gflop(config, batch) if mode == "forward" else None
-        for dtype in args.dtypes.split(","):
-            case = dict(config=config, mode=mode, batch=batch, dtype=dtype)
-            got: dict[str, list[dict]] = {s: [] for s in sides}
-            for _ in range(args.rounds):
-                for side in sides:
-                    got[side].append(run_worker(official_python if side == "official"
-                                                else sys.executable, side, case, args))
-            params = {s: got[s][0]["params"] for s in sides}
-            if abs(params["ours"] - params["official"]) > 0.01 * params["official"]:
-                raise SystemExit(f"{config}: parameter counts differ by more than 1%: {params}")
-            # the best call over all rounds: on a shared or virtual machine the slow calls are
-            # interference (seen: single calls 2-10x the minimum), the minimum is the machine
-            sec = {s: min(min(r["seconds"]) for r in got[s]) for s in sides}
-            cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
-                     .replace("float32", "fp32"), f"{sec['official']:.3f}", f"{sec['ours']:.3f}",
-                     f"{sec['official'] / sec['ours']:.2f}×"]
-            if args.compile:
-                # first call of each compiled worker: round 1 compiles cold, later rounds find
-                # inductor's on-disk cache (what a user sees from the second session on)
-                comp = "/".join(f"{r['warmup']:.0f}" for r in got["ours+compile"])
-                cells += [f"{sec['ours+compile']:.3f}",
-                          f"{sec['official'] / sec['ours+compile']:.2f}×", comp]
-            best = min(sec[s] for s in sides if s != "official")
-            cells += [f"{gflop:.1f}" if gflop else "-",
-                      f"{100 * gflop / best / peaks[dtype]:.0f}%" if gflop else "-"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+    for config, mode, batch, dtype, case, gflop in _table_cases(cases, args.dtypes, header):
+        got: dict[str, list[dict]] = {s: [] for s in sides}
+        for _ in range(args.rounds):
+            for side in sides:
+                got[side].append(run_worker(official_python if side == "official"
+                                            else sys.executable, side, case, args))
+        params = {s: got[s][0]["params"] for s in sides}
+        _check_params(config, params)
+        # the best call over all rounds: on a shared or virtual machine the slow calls are
+        # interference (seen: single calls 2-10x the minimum), the minimum is the machine
+        sec = {s: min(min(r["seconds"]) for r in got[s]) for s in sides}
+        cells = [f"{config} {mode} b{batch}", dtype.replace("bfloat16", "bf16")
+                 .replace("float32", "fp32"), f"{sec['official']:.3f}", f"{sec['ours']:.3f}",
+                 f"{sec['official'] / sec['ours']:.2f}×"]
+        if args.compile:
+            # first call of each compiled worker: round 1 compiles cold, later rounds find
+            # inductor's on-disk cache (what a user sees from the second session on)
+            comp = "/".join(f"{r['warmup']:.0f}" for r in got["ours+compile"])
+            cells += [f"{sec['ours+compile']:.3f}",
+                      f"{sec['official'] / sec['ours+compile']:.2f}×", comp]
+        best = min(sec[s] for s in sides if s != "official")
+        cells += [f"{gflop:.1f}" if gflop else "-",
+                  f"{100 * gflop / best / peaks[dtype]:.0f}%" if gflop else "-"]
+        print("| " + " | ".join(cells) + " |", flush=True)
     print(f"# parameters: official {params['official']:,}, ours {params['ours']:,} (last case)")
 
 
