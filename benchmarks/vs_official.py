@@ -173,9 +173,9 @@ def _ours(case: dict, compiled: bool):
     else:
         def run():
             lib.sample(net, batch_size=b, steps=SAMPLE["steps"],
-                   temperature=(SAMPLE["t_start"], SAMPLE["t_end"]), update_proportion=1.0,
-                   early_stop=False, min_steps=0, cfg_scale=1.0, labels=None,
-                   generator=torch.Generator().manual_seed(0))
+                       temperature=(SAMPLE["t_start"], SAMPLE["t_end"]), update_proportion=1.0,
+                       early_stop=False, min_steps=0, cfg_scale=1.0, labels=None,
+                       generator=torch.Generator().manual_seed(0))
     return model, run
 
 
